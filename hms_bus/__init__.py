@@ -1,0 +1,1 @@
+"""hms-bus: a workflow orchestrator for public-service desks over NATS JetStream."""

@@ -1,0 +1,175 @@
+"""Running the system: `hms server`, `hms up`, `hms actor run`, `hms check`,
+`hms topology ensure`."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+
+import anyio
+import typer
+
+from actors import REGISTRY
+from hms_bus.cli.common import (
+    daemon_logging,
+    fail_usage,
+    handle_errors,
+    run_async,
+    settings_of,
+)
+from hms_bus.connection import open_bus
+from hms_bus.daemon import ActorFactory, Daemon
+from hms_bus.health import check
+from hms_bus.server import NatsServer
+from hms_bus.settings import DEFAULT_URL, Settings
+from hms_bus.topology import ensure_topology
+
+__all__ = ["register"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 4222
+
+
+def register(app: typer.Typer) -> None:
+    app.command("server")(server)
+    app.command("up")(up)
+    app.command("check")(check_cmd)
+    topology = typer.Typer(help="Create or inspect the JetStream topology.", no_args_is_help=True)
+    topology.command("ensure")(topology_ensure)
+    app.add_typer(topology, name="topology")
+    actor = typer.Typer(help="Run one actor daemon.", no_args_is_help=True)
+    actor.command("run")(actor_run)
+    actor.command("list")(actor_list)
+    app.add_typer(actor, name="actor")
+
+
+def _embedded(settings: Settings, port: int, data_dir: Path | None) -> NatsServer:
+    base = (data_dir or settings.data_dir).resolve()
+    return NatsServer(base, port=port, server_name="hms-embedded")
+
+
+async def _wait_for_signal() -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for _ in signals:
+            return
+
+
+@handle_errors
+def server(
+    ctx: typer.Context,
+    port: int = typer.Option(DEFAULT_PORT, "--port", "-p", min=0, max=65535, help="client port; 0 picks a free one"),
+    data_dir: Path | None = typer.Option(None, "--data-dir", "-d", help="store and log directory (default .hms)"),
+) -> None:
+    """Run the bundled nats-server with JetStream on 127.0.0.1 until Ctrl-C."""
+    daemon_logging(ctx)
+    settings = settings_of(ctx)
+    with _embedded(settings, port or 0, data_dir).start() as srv:
+        typer.echo(f"nats-server listening on {srv.url} (store {srv.store_dir}); Ctrl-C stops it")
+        run_async(_wait_for_signal)
+
+
+@handle_errors
+def up(
+    ctx: typer.Context,
+    port: int = typer.Option(DEFAULT_PORT, "--port", "-p", min=0, max=65535, help="embedded server port"),
+) -> None:
+    """Run the whole system: the embedded NATS server (unless HMS_NATS_URL is set),
+    the topology, and every actor, until Ctrl-C."""
+    daemon_logging(ctx)
+    settings = settings_of(ctx)
+    factories = list(REGISTRY.values())
+    if settings.nats.explicit:
+        typer.echo(f"using NATS at {', '.join(settings.nats.urls)}")
+        run_async(_run_daemon, settings, factories, "hms-up")
+        return
+    with _embedded(settings, port, None).start() as srv:
+        typer.echo(f"nats-server listening on {srv.url} (store {srv.store_dir})")
+        if srv.url != DEFAULT_URL:
+            typer.echo(f"  other terminals: export HMS_NATS_URL={srv.url}")
+        embedded = settings.__class__(
+            nats=settings.nats.__class__(urls=(srv.url,), explicit=True),
+            bus=settings.bus,
+            daemon=settings.daemon,
+            data_dir=settings.data_dir,
+        )
+        run_async(_run_daemon, embedded, factories, "hms-up")
+
+
+async def _run_daemon(settings: Settings, factories: list[ActorFactory], name: str) -> None:
+    daemon = Daemon(settings, factories, name=name)
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(daemon.run)
+        names = ", ".join(REGISTRY) or "no actors yet"
+        port = daemon.metrics_port
+        where = f"metrics on :{port}/metrics" if port else "metrics off"
+        typer.echo(f"topology ready under root {settings.bus.root!r}; actors: {names}; {where}")
+        typer.echo("hms is up; Ctrl-C stops it")
+
+
+@handle_errors
+def actor_run(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="the actor to run"),
+    no_ensure: bool = typer.Option(False, "--no-ensure", help="do not create or update the topology"),
+) -> None:
+    """Run one actor as its own daemon (several replicas may run at once)."""
+    if name not in REGISTRY:
+        available = ", ".join(sorted(REGISTRY)) or "none yet"
+        raise fail_usage(f"unknown actor {name!r}; available: {available}")
+    daemon_logging(ctx)
+    settings = settings_of(ctx)
+    run_async(_run_actor, settings, name, not no_ensure)
+
+
+async def _run_actor(settings: Settings, name: str, ensure: bool) -> None:
+    await Daemon(settings, [REGISTRY[name]], name=name, ensure=ensure).run()
+
+
+def actor_list() -> None:
+    """List the actors this version provides."""
+    for name in sorted(REGISTRY):
+        typer.echo(name)
+
+
+@handle_errors
+def check_cmd(
+    ctx: typer.Context,
+    actor: list[str] = typer.Option(
+        [], "--actor", "-a", help="expect a heartbeat from this actor (default: every actor)"
+    ),
+    url: str | None = typer.Option(None, "--url", help="NATS URL(s), as the global --url"),
+) -> None:
+    """Exit 0 when NATS is reachable, the topology is in place and every expected
+    actor has a live heartbeat; 1 otherwise, saying what is missing."""
+    if url is not None:
+        ctx.find_root().obj.overrides["HMS_NATS_URL"] = url
+    settings = settings_of(ctx)
+    expected = actor or sorted(REGISTRY)
+    report = run_async(check, settings, expected)
+    if not report.ok:
+        for problem in report.problems:
+            typer.echo(f"hms check: {problem}", err=True)
+        raise typer.Exit(1)
+    alive = ", ".join(sorted({f"{b.actor}" for b in report.alive})) or "none expected"
+    typer.echo(f"ok: NATS at {report.url}, topology under {settings.bus.root!r}, actors alive: {alive}")
+
+
+@handle_errors
+def topology_ensure(ctx: typer.Context) -> None:
+    """Create or update every stream, consumer and bucket (idempotent)."""
+    settings = settings_of(ctx)
+
+    async def go() -> None:
+        async with open_bus(settings.nats, settings.bus, "hms-topology") as bus:
+            report = await ensure_topology(bus.js, settings.bus)
+        for line in report.created:
+            typer.echo(f"created {line}")
+        for line in report.updated:
+            typer.echo(f"updated {line}")
+        typer.echo(f"{len(report.unchanged)} unchanged")
+
+    run_async(go)
+

@@ -1,0 +1,54 @@
+"""`hms workflow validate|simulate`: the language's commands that need no server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from hms_bus.cli.common import handle_errors
+
+__all__ = ["app"]
+
+app = typer.Typer(no_args_is_help=True)
+
+
+@app.command("validate")
+@handle_errors
+def validate(
+    files: list[Path] = typer.Argument(..., help="workflow YAML files"),
+) -> None:
+    """Check workflow files without a server: exit 0 when all are valid, else exit 2
+    with one `FILE:LINE:COL: message` line per problem."""
+    from hms_bus.workflow.loader import validate_paths
+
+    problems = validate_paths(files)
+    for problem in problems:
+        typer.echo(str(problem), err=True)
+    if problems:
+        raise typer.Exit(2)
+    typer.echo(f"{len(files)} workflow file(s) valid")
+
+
+@app.command("simulate")
+@handle_errors
+def simulate(
+    file: Path = typer.Argument(..., help="workflow YAML file"),
+    script: Path = typer.Option(..., "--script", "-s", help="simulation script (YAML)"),
+) -> None:
+    """Run one workflow in virtual time, with no server, as the script says; print
+    the timeline. Exit 1 when the script's `expect:` block is not met."""
+    from hms_bus.workflow.loader import WorkflowError, load_workflow
+    from hms_bus.workflow.simulate import load_script
+    from hms_bus.workflow.simulate import simulate as run_simulation
+
+    try:
+        definition = load_workflow(file)
+    except WorkflowError as exc:
+        for problem in exc.problems:
+            typer.echo(str(problem), err=True)
+        raise typer.Exit(2) from None
+    result = run_simulation(definition, load_script(script))
+    typer.echo(result.render())
+    if not result.ok:
+        raise typer.Exit(1)

@@ -1,0 +1,161 @@
+"""Running actors as a daemon: readiness, heartbeats, metrics, graceful shutdown.
+
+An actor is anything with `name`, `run(task_status=...)` and `stop()` (the
+`Actor` protocol). `run` binds its consumers and only then reports started
+(readiness means "consumer bound"); `stop` stops intake, after which `run`
+returns once the work in hand is settled.
+
+`Daemon.run()` connects, makes sure the topology exists, starts the actors one by
+one (each must be ready before the next), serves `/metrics`, and writes a
+heartbeat per actor. On SIGTERM or SIGINT (or `Daemon.stop()`), it stops intake,
+keeps beating while in-flight work finishes within the grace period, cancels
+what is left after it, and drains the connection (dramatiq, arq and Temporal do
+the same). `hms up` runs every actor in one such daemon; `hms actor run NAME`
+runs one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Protocol
+
+import anyio
+import nats.errors
+import nats.js.errors
+from anyio.abc import TaskStatus
+
+from hms_bus.connection import Bus, open_bus
+from hms_bus.health import new_heartbeat, write_heartbeat
+from hms_bus.metrics import Metrics, serve_metrics
+from hms_bus.settings import Settings
+from hms_bus.topology import ensure_topology
+
+__all__ = ["Actor", "ActorFactory", "Daemon"]
+
+log = logging.getLogger(__name__)
+
+
+class Actor(Protocol):
+    name: str
+
+    async def run(self, *, task_status: TaskStatus[None] = ...) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+#: Builds an actor on a live bus; the daemon owns the bus and the metrics.
+ActorFactory = Callable[[Bus, Metrics], Actor]
+
+
+class Daemon:
+    def __init__(
+        self,
+        settings: Settings,
+        factories: Sequence[ActorFactory],
+        *,
+        name: str = "hms",
+        metrics: Metrics | None = None,
+        ensure: bool = True,
+    ) -> None:
+        self.settings = settings
+        self._factories = list(factories)
+        self.name = name
+        self.metrics = metrics or Metrics.create()
+        self._ensure = ensure
+        self._actors: list[Actor] = []
+        self._stop = anyio.Event()
+        self.instance = f"{socket.gethostname()}-{os.getpid()}"
+        self.metrics_port: int | None = None
+
+    def stop(self) -> None:
+        """Begin a graceful shutdown, as SIGTERM does."""
+        self._stop.set()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        s = self.settings
+        server = serve_metrics(self.metrics, s.daemon.metrics_port)
+        self.metrics_port = server.server_port if server else None
+        try:
+            async with open_bus(s.nats, s.bus, f"{self.name}@{self.instance}", wait=30.0) as bus:
+                if self._ensure:
+                    await ensure_topology(bus.js, s.bus)
+                await self._serve(bus, task_status)
+        finally:
+            if server is not None:
+                server.shutdown()
+                server.server_close()
+
+    async def _serve(self, bus: Bus, task_status: TaskStatus[None]) -> None:
+        self._actors = [factory(bus, self.metrics) for factory in self._factories]
+        async with anyio.create_task_group() as tg:
+            actors_scope = anyio.CancelScope()
+            actors_done = anyio.Event()
+
+            async def run_actors(*, task_status: TaskStatus[None]) -> None:
+                with actors_scope:
+                    async with anyio.create_task_group() as atg:
+                        for actor in self._actors:
+                            await atg.start(_run_actor, actor)
+                        task_status.started()
+                actors_done.set()
+
+            await tg.start(run_actors)
+            tg.start_soon(self._beat, bus)
+            tg.start_soon(self._watch_signals)
+            log.info("%s ready: %s", self.name, ", ".join(a.name for a in self._actors) or "no actors")
+            task_status.started()
+
+            await _first_of(self._stop, actors_done)
+            for actor in self._actors:
+                actor.stop()
+            with anyio.move_on_after(self.settings.daemon.grace_seconds) as grace:
+                await actors_done.wait()
+            if grace.cancelled_caught:
+                log.warning("grace period of %.1fs over; cancelling in-flight work",
+                            self.settings.daemon.grace_seconds)
+                actors_scope.cancel()
+                await actors_done.wait()
+            tg.cancel_scope.cancel()
+        log.info("%s stopped", self.name)
+
+    async def _watch_signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("received %s: stopping intake, finishing in-flight work",
+                         signal.Signals(signum).name)
+                self.stop()
+                return
+
+    async def _beat(self, bus: Bus) -> None:
+        started = datetime.now(UTC)
+        kv = None
+        while True:
+            self.metrics.connected.labels(self.name).set(1 if bus.connected else 0)
+            try:
+                if kv is None:
+                    kv = await bus.js.key_value(bus.ns.health_bucket)
+                for actor in self._actors:
+                    await write_heartbeat(kv, bus, new_heartbeat(actor.name, self.instance, started))
+                    self.metrics.heartbeats.labels(actor.name).inc()
+            except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
+                log.warning("heartbeat failed: %s", exc)
+            await anyio.sleep(self.settings.daemon.heartbeat_seconds)
+
+
+async def _run_actor(actor: Actor, *, task_status: TaskStatus[None]) -> None:
+    await actor.run(task_status=task_status)
+
+
+async def _first_of(*events: anyio.Event) -> None:
+    async with anyio.create_task_group() as tg:
+        async def wait(event: anyio.Event) -> None:
+            await event.wait()
+            tg.cancel_scope.cancel()
+
+        for event in events:
+            tg.start_soon(wait, event)
