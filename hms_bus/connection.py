@@ -81,9 +81,7 @@ class Bus:
         for subject, message in items:
             data = encode(message)
             self.check_size(data, f"{type(message).__name__} {message.id!r}")
-            futures.append(
-                await self.js.publish_async(subject, data, headers={MSG_ID: message.id})
-            )
+            futures.append(await self.js.publish_async(subject, data, headers={MSG_ID: message.id}))
         if not futures:
             return []
         return list(await asyncio.gather(*futures))
@@ -92,9 +90,7 @@ class Bus:
 def _tls_context(settings: NatsSettings) -> ssl.SSLContext | None:
     if settings.tls_ca is None and settings.tls_cert is None:
         return None
-    ctx = ssl.create_default_context(
-        cafile=str(settings.tls_ca) if settings.tls_ca else None
-    )
+    ctx = ssl.create_default_context(cafile=str(settings.tls_ca) if settings.tls_ca else None)
     if settings.tls_cert is not None and settings.tls_key is not None:
         ctx.load_cert_chain(str(settings.tls_cert), str(settings.tls_key))
     return ctx
@@ -109,6 +105,10 @@ def connect_options(settings: NatsSettings, name: str) -> dict[str, Any]:
         "max_reconnect_attempts": -1,  # forever: a daemon outlives server restarts
         "reconnect_time_wait": 1,
         "connect_timeout": 2,
+        # nats-py's drain waits out its timeout (30 s by default) for a pull
+        # subscription that was never unsubscribed; our loops unsubscribe, and this
+        # bounds the exit of anything that forgot.
+        "drain_timeout": 5,
     }
     if settings.creds_file is not None:
         opts["user_credentials"] = str(settings.creds_file)

@@ -19,10 +19,13 @@ between leaves the message to be redelivered, never lost; the copy's
 Handlers that run long get `in_progress()` sent for them every quarter of the ack
 wait, so the server does not redeliver work that is still going on.
 
-The loop long-polls the server (`fetch(batch, timeout)`); it survives server
+The loop long-polls the server (`fetch(batch, timeout)`: it returns as soon as
+anything is there, so the timeout only paces an idle loop); it survives server
 restarts and reconnects without a restart of its process (fetch errors are
 retried with backoff). `stop()` stops intake: the current fetch returns within
-its timeout, the messages in hand are finished, and `run()` returns.
+its timeout (half a second), the messages in hand are finished, and `run()`
+returns. The fetch is never cancelled: messages it had pulled would otherwise
+sit unacknowledged until their ack wait ran out.
 """
 
 from __future__ import annotations
@@ -101,8 +104,9 @@ async def dead_letter(bus: Bus, msg: Msg, reason: str, reason_kind: str = "perma
     }
     await bus.js.publish(bus.ns.dlq(meta.stream), msg.data, headers=headers)
     await msg.term()
-    log.warning("dead-lettered %s seq %d from %s: %s", msg.subject, meta.sequence.stream,
-                meta.stream, clean)
+    log.warning(
+        "dead-lettered %s seq %d from %s: %s", msg.subject, meta.sequence.stream, meta.stream, clean
+    )
 
 
 class ConsumeLoop(Generic[T]):
@@ -123,7 +127,7 @@ class ConsumeLoop(Generic[T]):
         metrics: Metrics | None = None,
         batch: int = 100,
         concurrency: int = 1,
-        fetch_timeout: float = 2.0,
+        fetch_timeout: float = 0.5,
         retry_delay: float = 1.0,
     ) -> None:
         self._bus = bus
@@ -154,8 +158,11 @@ class ConsumeLoop(Generic[T]):
     def statistics(self) -> ConsumeStatistics:
         c = self._counts
         return ConsumeStatistics(
-            handled=c["handled"], acked=c["acked"], nakd=c["nakd"],
-            dead_lettered=c["dead_lettered"], in_flight=self._in_flight,
+            handled=c["handled"],
+            acked=c["acked"],
+            nakd=c["nakd"],
+            dead_lettered=c["dead_lettered"],
+            in_flight=self._in_flight,
             fetch_errors=c["errors"],
         )
 
@@ -205,8 +212,12 @@ class ConsumeLoop(Generic[T]):
             # Disconnected, server restarting, leader election: back off and retry;
             # the client reconnects underneath us.
             self._counts["errors"] += 1
-            log.warning("fetch %s/%s failed (%s); retrying", self._stream, self._durable,
-                        exc or type(exc).__name__)
+            log.warning(
+                "fetch %s/%s failed (%s); retrying",
+                self._stream,
+                self._durable,
+                exc or type(exc).__name__,
+            )
             await anyio.sleep(self._retry_delay)
             return []
 
@@ -257,7 +268,8 @@ class ConsumeLoop(Generic[T]):
             if self._max_deliver > 0 and delivered >= self._max_deliver:
                 log.exception("handler failed on the last delivery of %s", msg.subject)
                 return await self._dead(
-                    msg, f"failed on all {delivered} deliveries: {type(exc).__name__}: {exc}",
+                    msg,
+                    f"failed on all {delivered} deliveries: {type(exc).__name__}: {exc}",
                     "exhausted",
                 )
             log.exception("handler failed on %s (delivery %d)", msg.subject, delivered)

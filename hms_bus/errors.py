@@ -58,7 +58,7 @@ class PermanentError(HmsError):
     """The input can never be handled: terminate it and dead-letter it with this reason."""
 
 
-class RetryLater(HmsError):  # noqa: N818 - a control-flow signal reads as a verb (STYLE.md)
+class RetryLater(HmsError):
     """The input is fine but cannot be handled yet: redeliver it after `delay` seconds."""
 
     def __init__(self, reason: str, delay: float = 1.0) -> None:

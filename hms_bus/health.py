@@ -88,7 +88,9 @@ async def check(settings: Settings, expected: Sequence[str]) -> CheckReport:
         async with open_bus(settings.nats, settings.bus, "hms-check") as bus:
             missing = await _missing_topology(bus)
             if missing:
-                shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+                shown = ", ".join(missing[:5]) + (
+                    f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+                )
                 report.problems.append(
                     f"topology under root {settings.bus.root!r} is incomplete: missing {shown} "
                     f"(run `hms up` or `hms topology ensure`)"
@@ -107,17 +109,15 @@ async def check(settings: Settings, expected: Sequence[str]) -> CheckReport:
 
 async def _missing_topology(bus: Bus) -> list[str]:
     topology = declare(bus.ns)
-    missing: list[str] = []
-    for stream in topology.streams:
-        if not await _exists(bus.js.stream_info(stream.name)):
-            missing.append(f"stream {stream.name}")
-    for consumer in topology.consumers:
-        if not await _exists(bus.js.consumer_info(consumer.stream, consumer.durable)):
-            missing.append(f"consumer {consumer.durable}")
-    for bucket in topology.buckets:
-        if not await _exists(bus.js.stream_info(f"KV_{bucket.name}")):
-            missing.append(f"bucket {bucket.name}")
-    return missing
+    probes = [
+        *((f"stream {s.name}", bus.js.stream_info(s.name)) for s in topology.streams),
+        *(
+            (f"consumer {c.durable}", bus.js.consumer_info(c.stream, c.durable))
+            for c in topology.consumers
+        ),
+        *((f"bucket {b.name}", bus.js.stream_info(f"KV_{b.name}")) for b in topology.buckets),
+    ]
+    return [name for name, probe in probes if not await _exists(probe)]
 
 
 async def _exists(probe: object) -> bool:

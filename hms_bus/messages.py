@@ -15,7 +15,7 @@ Streams and the types they carry (see `subjects.md` for subjects and examples):
 - events:   `Event`
 - commands: `StartRun`, `CancelRun`, `PauseRun`, `ResumeRun`, `Approve`, `Reject`,
             `ClaimTask`, `ReleaseTask`, `RerouteTask`, `RetryStep`, `Signal`
-- results:  `TaskCompleted`, `TaskFailed`, `TaskProgress`
+- results:  `TaskCompleted`, `TaskFailed`, `TaskProgress`, `TaskUnroutable`, `TaskRouted`
 - route:    `RouteTask`, `CancelTask`
 - tasks:    `Task`
 - timers:   `ArmTimer`, `DisarmTimer`, `TimerFired`
@@ -65,6 +65,8 @@ __all__ = [
     "TaskCompleted",
     "TaskFailed",
     "TaskProgress",
+    "TaskRouted",
+    "TaskUnroutable",
     "TimerFired",
     "decoder_for",
     "encode",
@@ -238,6 +240,38 @@ class TaskFailed(Message, frozen=True):
     at: datetime | None = None
 
 
+class TaskUnroutable(Message, frozen=True):
+    """Router -> dispatcher (`<root>.result.router`): no lane can take this attempt now.
+
+    The router parks the request and routes it as soon as a lane appears (a worker
+    registers, a routing entry changes), then says so with `TaskRouted`. The id is
+    `<task>/unroutable`.
+    """
+
+    task: str
+    run: str
+    step: str
+    attempt: int
+    actor: str
+    reason: str
+
+
+class TaskRouted(Message, frozen=True):
+    """Router -> dispatcher: a parked (unroutable) attempt finally got a lane.
+
+    Published only for attempts that were reported `TaskUnroutable` first; an attempt
+    routed at once needs no answer. The id is `<task>/routed`.
+    """
+
+    task: str
+    run: str
+    step: str
+    attempt: int
+    actor: str
+    lane: str
+    reason: str
+
+
 class TaskProgress(Message, frozen=True):
     """A worker or clerk reports that it works on a task (first response)."""
 
@@ -294,7 +328,8 @@ class RouteTask(Message, frozen=True):
     `lane` is set when the workflow or an operator names the lane (reassign, reroute).
     `kind` is `task` (answered by TaskCompleted / TaskFailed) or `checkpoint` (a human
     decision, answered by Approve / Reject). The id is `<task>/route`: an attempt is
-    routed at most once.
+    routed at most once. `skills`: what the lane must offer (a routing entry's lanes
+    declare theirs); empty: any lane of the actor will do.
     """
 
     task: str
@@ -310,6 +345,7 @@ class RouteTask(Message, frozen=True):
     case: str | None = None
     item: int | None = None
     kind: str = "task"
+    skills: tuple[str, ...] = ()
 
 
 class CancelTask(Message, frozen=True):
@@ -350,7 +386,8 @@ class Fact(Message, frozen=True):
     `kind` comes from the bounded set `FACT_KINDS` (a metric label, so never free
     text); `step`, `attempt`, `task` say what it is about, `by` who did it (None: the
     system), `reason` why; `data` holds the details (the lane requested, retry n/N,
-    an output, a deadline). The engine's facts have ids `<input id>/<n>`.
+    an output, a deadline: times in `data` are RFC 3339 strings on the wire). The
+    engine's facts have ids `<input id>/<n>`.
     """
 
     run: str
@@ -378,7 +415,8 @@ class Fact(Message, frozen=True):
 #: wait.signalled, signal.buffered (an event arrived before its wait step).
 #: Inputs that change nothing: input.refused (wrong party: separation of duties, same
 #: approver twice, a claim on a task someone else holds), input.ignored (unknown
-#: step or task, wrong state, run finished).
+#: step or task, wrong state, run finished). The router's (not the engine's):
+#: task.routed (data.lane, data.reason), task.unroutable (parked until a lane appears).
 FACT_KINDS = frozenset(
     {
         "run.started",
@@ -402,6 +440,8 @@ FACT_KINDS = frozenset(
         "task.rerouted",
         "task.reassigned",
         "task.superseded",
+        "task.routed",
+        "task.unroutable",
         "retry.scheduled",
         "sla.breached",
         "sla.rung",
@@ -427,11 +467,20 @@ class Notify(Message, frozen=True):
     at: datetime | None = None
 
 
-Input = Event | Command | TaskCompleted | TaskFailed | TaskProgress | TimerFired
+Input = (
+    Event
+    | Command
+    | TaskCompleted
+    | TaskFailed
+    | TaskProgress
+    | TaskUnroutable
+    | TaskRouted
+    | TimerFired
+)
 Effect = RouteTask | CancelTask | ArmTimer | DisarmTimer | Notify | Fact
 
 COMMAND_TYPES = Command
-RESULT_TYPES = TaskCompleted | TaskFailed | TaskProgress
+RESULT_TYPES = TaskCompleted | TaskFailed | TaskProgress | TaskUnroutable | TaskRouted
 ROUTE_TYPES = RouteTask | CancelTask
 TASK_TYPES = Task
 TIMER_TYPES = ArmTimer | DisarmTimer | TimerFired

@@ -34,6 +34,7 @@ class Metrics:
     in_flight: Gauge
     connected: Gauge
     heartbeats: Counter
+    cas_conflicts: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> Metrics:
@@ -41,34 +42,58 @@ class Metrics:
         return cls(
             registry=reg,
             messages=Counter(
-                "hms_messages_total", "Messages handled, by consumer and outcome",
-                ["consumer", "outcome"], registry=reg,
+                "hms_messages_total",
+                "Messages handled, by consumer and outcome",
+                ["consumer", "outcome"],
+                registry=reg,
             ),
             handler_seconds=Histogram(
-                "hms_handler_seconds", "Time spent handling one message", ["consumer"],
-                buckets=_LATENCY_BUCKETS, registry=reg,
+                "hms_handler_seconds",
+                "Time spent handling one message",
+                ["consumer"],
+                buckets=_LATENCY_BUCKETS,
+                registry=reg,
             ),
             redeliveries=Counter(
-                "hms_redeliveries_total", "Messages delivered more than once", ["consumer"],
+                "hms_redeliveries_total",
+                "Messages delivered more than once",
+                ["consumer"],
                 registry=reg,
             ),
             dead_letters=Counter(
-                "hms_dead_letters_total", "Messages terminated and copied to the dead-letter subject",
-                ["consumer", "reason"], registry=reg,
+                "hms_dead_letters_total",
+                "Messages terminated and copied to the dead-letter subject",
+                ["consumer", "reason"],
+                registry=reg,
             ),
             in_flight=Gauge(
-                "hms_in_flight", "Messages being handled now", ["consumer"], registry=reg,
+                "hms_in_flight",
+                "Messages being handled now",
+                ["consumer"],
+                registry=reg,
             ),
             connected=Gauge(
-                "hms_nats_connected", "1 while the NATS connection is up", ["actor"], registry=reg,
+                "hms_nats_connected",
+                "1 while the NATS connection is up",
+                ["actor"],
+                registry=reg,
             ),
             heartbeats=Counter(
-                "hms_heartbeats_total", "Health heartbeats written", ["actor"], registry=reg,
+                "hms_heartbeats_total",
+                "Health heartbeats written",
+                ["actor"],
+                registry=reg,
+            ),
+            cas_conflicts=Counter(
+                "hms_cas_conflicts_total",
+                "Compare-and-set writes that lost a race and retried",
+                ["actor"],
+                registry=reg,
             ),
         )
 
 
-def serve_metrics(metrics: Metrics, port: int, addr: str = "0.0.0.0") -> WSGIServer | None:  # noqa: S104
+def serve_metrics(metrics: Metrics, port: int, addr: str = "0.0.0.0") -> WSGIServer | None:
     """Serve `/metrics` (all interfaces by default: Prometheus scrapes from another
     host). `port` 0 picks a free port (tests, several daemons on one host); -1: off.
     The caller shuts the returned server down."""

@@ -325,7 +325,7 @@ class NatsServer:
             proc.wait()
         self._proc = None
         _running.discard(self)
-        log.info(
+        log.debug(
             "nats-server pid %d on port %s exited (code %d)", proc.pid, self._port, proc.returncode
         )
 

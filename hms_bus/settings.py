@@ -125,7 +125,7 @@ def _urls(field: str, raw: str) -> tuple[str, ...]:
                 field, f"{url!r} is not a NATS URL; expected {'|'.join(_SCHEMES)}://HOST:PORT"
             )
         try:
-            parts.port  # noqa: B018 - raises on a malformed port
+            _ = parts.port
         except ValueError:
             raise ConfigError(field, f"{url!r} has a malformed port") from None
     return urls
@@ -137,9 +137,7 @@ def load_settings(
     """Build `Settings` from `HMS_*` variables; `overrides` (CLI flags, keyed by the
     variable name they replace) win over the environment. Raises `ConfigError`."""
     merged: dict[str, str] = {k: v for k, v in env.items() if k.startswith("HMS_")}
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            merged[key] = value
+    merged |= {k: v for k, v in (overrides or {}).items() if v is not None}
 
     def get(name: str) -> str | None:
         value = merged.get(name)
@@ -175,7 +173,9 @@ def load_settings(
     if (raw := get("HMS_REPLICAS")) is not None:
         replicas = _int("HMS_REPLICAS", raw, 1, 5)
         if replicas not in (1, 3, 5):
-            raise ConfigError("HMS_REPLICAS", f"{replicas}: use 1, 3 or 5 (a quorum needs an odd count)")
+            raise ConfigError(
+                "HMS_REPLICAS", f"{replicas}: use 1, 3 or 5 (a quorum needs an odd count)"
+            )
         bus_kw["replicas"] = replicas
     if (raw := get("HMS_MAX_PAYLOAD")) is not None:
         bus_kw["max_payload"] = _int("HMS_MAX_PAYLOAD", raw, 1024, 64 * 1024 * 1024)

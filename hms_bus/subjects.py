@@ -111,6 +111,10 @@ class Namespace:
     def dlq_stream(self) -> str:
         return self.stream("dlq")
 
+    @property
+    def advisories_stream(self) -> str:
+        return self.stream("advisories")
+
     # -- subjects --------------------------------------------------------------
     def event(self, name: str) -> str:
         return f"{self.root}.events.{check_token(name, 'event name')}"
@@ -130,6 +134,11 @@ class Namespace:
         return f"{self.root}.result.{lane.kind}.{lane.name}"
 
     @property
+    def router_result(self) -> str:
+        """Where the router reports what the dispatcher must know (unroutable, routed late)."""
+        return f"{self.root}.result.router"
+
+    @property
     def results_all(self) -> str:
         return f"{self.root}.result.>"
 
@@ -146,6 +155,10 @@ class Namespace:
     @property
     def tasks_all(self) -> str:
         return f"{self.root}.task.>"
+
+    def cancel(self, lane: Lane) -> str:
+        """Core NATS (not stored): tells a lane's workers to stop work on a task."""
+        return f"{self.root}.cancel.{lane.kind}.{lane.name}"
 
     def timer(self, verb: str) -> str:
         """`arm`, `disarm` or `fired`."""
@@ -186,7 +199,7 @@ class Namespace:
     def dlq_all(self) -> str:
         return f"{self.root}.dlq.>"
 
-    def max_deliveries_advisory(self, stream: str, durable: str) -> str:
+    def max_deliveries_advisory(self, stream: str, durable: str = "*") -> str:
         """The server's advisory when a message exhausts a consumer's max_deliver."""
         return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{durable}"
 
@@ -227,12 +240,20 @@ class Namespace:
     def stats_bucket(self) -> str:
         return self.bucket("stats")
 
+    @property
+    def inbox_bucket(self) -> str:
+        return self.bucket("inbox")
+
     # -- keys ------------------------------------------------------------------
     # KV keys may contain `.`, which the server treats as a subject level: we use
     # it to group keys so that a watch can filter on a prefix.
     def workflow_key(self, workflow_id: str, version: int | None = None) -> str:
         check_token(workflow_id, "workflow id")
         return f"{workflow_id}.latest" if version is None else f"{workflow_id}.v{version}"
+
+    def workflow_keys(self, workflow_id: str) -> str:
+        """Pattern of every key of one workflow (its versions and `latest`)."""
+        return f"{check_token(workflow_id, 'workflow id')}.*"
 
     def heartbeat_key(self, actor: str, instance: str) -> str:
         return f"{check_token(actor, 'actor')}.{check_token(instance, 'instance')}"

@@ -112,43 +112,164 @@ def declare(ns: Namespace) -> Topology:
     """Everything the system needs under one namespace root."""
     week = 7 * DAY
     streams = (
-        StreamSpec("events", ns.events_stream, (ns.events_all,), "limits", week,
-                   "business events from portals; they start runs"),
-        StreamSpec("commands", ns.commands_stream, (ns.commands_all,), "limits", week,
-                   "operator and client commands to the dispatcher"),
-        StreamSpec("results", ns.results_stream, (ns.results_all,), "limits", week,
-                   "task results, failures and progress from workers"),
-        StreamSpec("route", ns.route_stream, (ns.route_all,), "workqueue", 0,
-                   "route requests and task cancellations, dispatcher to router"),
-        StreamSpec("tasks", ns.tasks_stream, (ns.tasks_all,), "workqueue", 0,
-                   "lanes: one subject per lane, one durable per lane"),
-        StreamSpec("timers", ns.timers_stream, (ns.timers_all,), "limits", 0,
-                   "timer arm/disarm requests and firings"),
-        StreamSpec("audit", ns.audit_stream, (ns.audit_all,), "limits", week,
-                   "facts from every actor, before the ledger chains them"),
-        StreamSpec("ledger", ns.ledger_stream, (ns.ledger_all,), "limits", 0,
-                   "the hash-chained ledger, one subject per run",
-                   deny_delete=True, deny_purge=True),
-        StreamSpec("notify", ns.notify_stream, (ns.notify_all,), "limits", week,
-                   "notifications, one subject per channel kind"),
-        StreamSpec("dlq", ns.dlq_stream, (ns.dlq_all,), "limits", 30 * DAY,
-                   "dead letters, with the reason in headers"),
+        StreamSpec(
+            "events",
+            ns.events_stream,
+            (ns.events_all,),
+            "limits",
+            week,
+            "business events from portals; they start runs",
+        ),
+        StreamSpec(
+            "commands",
+            ns.commands_stream,
+            (ns.commands_all,),
+            "limits",
+            week,
+            "operator and client commands to the dispatcher",
+        ),
+        StreamSpec(
+            "results",
+            ns.results_stream,
+            (ns.results_all,),
+            "limits",
+            week,
+            "task results, failures and progress from workers",
+        ),
+        StreamSpec(
+            "route",
+            ns.route_stream,
+            (ns.route_all,),
+            "workqueue",
+            0,
+            "route requests and task cancellations, dispatcher to router",
+        ),
+        StreamSpec(
+            "tasks",
+            ns.tasks_stream,
+            (ns.tasks_all,),
+            "workqueue",
+            0,
+            "lanes: one subject per lane, one durable per lane",
+        ),
+        StreamSpec(
+            "timers",
+            ns.timers_stream,
+            (ns.timers_all,),
+            "limits",
+            0,
+            "timer arm/disarm requests and firings",
+        ),
+        StreamSpec(
+            "audit",
+            ns.audit_stream,
+            (ns.audit_all,),
+            "limits",
+            week,
+            "facts from every actor, before the ledger chains them",
+        ),
+        StreamSpec(
+            "ledger",
+            ns.ledger_stream,
+            (ns.ledger_all,),
+            "limits",
+            0,
+            "the hash-chained ledger, one subject per run",
+            deny_delete=True,
+            deny_purge=True,
+        ),
+        StreamSpec(
+            "notify",
+            ns.notify_stream,
+            (ns.notify_all,),
+            "limits",
+            week,
+            "notifications, one subject per channel kind",
+        ),
+        StreamSpec(
+            "dlq",
+            ns.dlq_stream,
+            (ns.dlq_all,),
+            "limits",
+            30 * DAY,
+            "dead letters, with the reason in headers",
+        ),
+        # Advisories are core NATS: captured here so that a lane task that exhausted
+        # its deliveries while the router was down is still turned into a failure.
+        StreamSpec(
+            "advisories",
+            ns.advisories_stream,
+            (ns.max_deliveries_advisory(ns.tasks_stream),),
+            "limits",
+            week,
+            "max-deliveries advisories of lane consumers",
+        ),
     )
     consumers = (
-        ConsumerSpec(ns.events_stream, ns.durable("dispatcher", "events"), (ns.events_all,),
-                     30.0, 5, "dispatcher: events start runs"),
-        ConsumerSpec(ns.commands_stream, ns.durable("dispatcher", "commands"),
-                     (ns.commands_all,), 30.0, 5, "dispatcher: commands"),
-        ConsumerSpec(ns.results_stream, ns.durable("dispatcher", "results"), (ns.results_all,),
-                     30.0, 5, "dispatcher: task results"),
-        ConsumerSpec(ns.timers_stream, ns.durable("dispatcher", "timers"),
-                     (ns.timer("fired"),), 30.0, 5, "dispatcher: timer firings"),
-        ConsumerSpec(ns.route_stream, ns.durable("router", "route"), (ns.route_all,),
-                     30.0, 5, "router: route requests"),
-        ConsumerSpec(ns.timers_stream, ns.durable("sla-timer", "timers"),
-                     (ns.timer("arm"), ns.timer("disarm")), 30.0, 5, "SLA timer: arm/disarm"),
-        ConsumerSpec(ns.audit_stream, ns.durable("ledger", "audit"), (ns.audit_all,),
-                     30.0, 5, "ledger: facts to chain"),
+        ConsumerSpec(
+            ns.events_stream,
+            ns.durable("dispatcher", "events"),
+            (ns.events_all,),
+            30.0,
+            5,
+            "dispatcher: events start runs",
+        ),
+        ConsumerSpec(
+            ns.commands_stream,
+            ns.durable("dispatcher", "commands"),
+            (ns.commands_all,),
+            30.0,
+            5,
+            "dispatcher: commands",
+        ),
+        ConsumerSpec(
+            ns.results_stream,
+            ns.durable("dispatcher", "results"),
+            (ns.results_all,),
+            30.0,
+            5,
+            "dispatcher: task results",
+        ),
+        ConsumerSpec(
+            ns.timers_stream,
+            ns.durable("dispatcher", "timers"),
+            (ns.timer("fired"),),
+            30.0,
+            5,
+            "dispatcher: timer firings",
+        ),
+        ConsumerSpec(
+            ns.route_stream,
+            ns.durable("router", "route"),
+            (ns.route_all,),
+            30.0,
+            5,
+            "router: route requests",
+        ),
+        ConsumerSpec(
+            ns.advisories_stream,
+            ns.durable("router", "advisories"),
+            (ns.max_deliveries_advisory(ns.tasks_stream),),
+            30.0,
+            5,
+            "router: lane tasks that exhausted their deliveries",
+        ),
+        ConsumerSpec(
+            ns.timers_stream,
+            ns.durable("sla-timer", "timers"),
+            (ns.timer("arm"), ns.timer("disarm")),
+            30.0,
+            5,
+            "SLA timer: arm/disarm",
+        ),
+        ConsumerSpec(
+            ns.audit_stream,
+            ns.durable("ledger", "audit"),
+            (ns.audit_all,),
+            30.0,
+            5,
+            "ledger: facts to chain",
+        ),
     )
     buckets = (
         BucketSpec("runs", ns.runs_bucket, 1, 0, "run state, written only by the dispatcher"),
@@ -157,6 +278,7 @@ def declare(ns: Namespace) -> Topology:
         BucketSpec("workers", ns.workers_bucket, 1, 15.0, "live workers: lane, version, capacity"),
         BucketSpec("health", ns.health_bucket, 1, 15.0, "actor heartbeats"),
         BucketSpec("stats", ns.stats_bucket, 1, 0, "statistics derived by the ledger"),
+        BucketSpec("inbox", ns.inbox_bucket, 1, 0, "human tasks waiting for a clerk, with claims"),
     )
     return Topology(streams, consumers, buckets)
 
@@ -196,11 +318,28 @@ def _consumer_config(spec: ConsumerSpec) -> ConsumerConfig:
     )
 
 
-_STREAM_FIELDS = ("subjects", "retention", "storage", "num_replicas", "max_age", "max_msg_size",
-                  "duplicate_window", "deny_delete", "deny_purge", "description", "allow_direct")
+_STREAM_FIELDS = (
+    "subjects",
+    "retention",
+    "storage",
+    "num_replicas",
+    "max_age",
+    "max_msg_size",
+    "duplicate_window",
+    "deny_delete",
+    "deny_purge",
+    "description",
+    "allow_direct",
+)
 # A bucket's stream has settings of its own (deny_delete, rollups): compare only ours.
-_BUCKET_FIELDS = ("storage", "num_replicas", "max_age", "max_msg_size", "max_msgs_per_subject",
-                  "description")
+_BUCKET_FIELDS = (
+    "storage",
+    "num_replicas",
+    "max_age",
+    "max_msg_size",
+    "max_msgs_per_subject",
+    "description",
+)
 
 
 def _diff(
@@ -228,9 +367,7 @@ _IMMUTABLE = {
 }
 
 
-async def _ensure_stream(
-    js: JetStreamContext, want: StreamConfig, report: TopologyReport
-) -> None:
+async def _ensure_stream(js: JetStreamContext, want: StreamConfig, report: TopologyReport) -> None:
     assert want.name is not None
     try:
         info: StreamInfo = await js.stream_info(want.name)
@@ -264,7 +401,9 @@ def _show(value: object) -> str:
     return str(getattr(value, "value", value))
 
 
-async def _ensure_consumer(js: JetStreamContext, spec: ConsumerSpec, report: TopologyReport) -> None:
+async def _ensure_consumer(
+    js: JetStreamContext, spec: ConsumerSpec, report: TopologyReport
+) -> None:
     want = _consumer_config(spec)
     label = f"consumer {spec.stream}/{spec.durable}"
     try:
@@ -274,7 +413,9 @@ async def _ensure_consumer(js: JetStreamContext, spec: ConsumerSpec, report: Top
         report.created.append(label)
         return
     have = info.config
-    have_filters = sorted(have.filter_subjects or ([have.filter_subject] if have.filter_subject else []))
+    have_filters = sorted(
+        have.filter_subjects or ([have.filter_subject] if have.filter_subject else [])
+    )
     same = (
         have_filters == sorted(spec.filter_subjects)
         and abs((have.ack_wait or 0) - spec.ack_wait) < 1e-6
@@ -354,6 +495,10 @@ async def ensure_topology(js: JetStreamContext, settings: BusSettings) -> Topolo
     for bucket in topology.buckets:
         await _ensure_bucket(js, bucket, settings, report)
     if report.changed:
-        log.info("topology %s: created %d, updated %d", settings.root,
-                 len(report.created), len(report.updated))
+        log.info(
+            "topology %s: created %d, updated %d",
+            settings.root,
+            len(report.created),
+            len(report.updated),
+        )
     return report

@@ -24,7 +24,7 @@ T = TypeVar("T")
 async def eventually(
     predicate: Callable[[], Awaitable[T]],
     *,
-    timeout: float = ...,  # noqa: ASYNC109
+    timeout: float = ...,
     interval: float = ...,
     what: str | None = ...,
     retry_on: tuple[type[Exception], ...] = ...,
@@ -33,7 +33,7 @@ async def eventually(
 async def eventually(
     predicate: Callable[[], T],
     *,
-    timeout: float = ...,  # noqa: ASYNC109
+    timeout: float = ...,
     interval: float = ...,
     what: str | None = ...,
     retry_on: tuple[type[Exception], ...] = ...,
@@ -41,8 +41,7 @@ async def eventually(
 async def eventually(
     predicate: Callable[[], Any],
     *,
-    timeout: float = 5.0,  # noqa: ASYNC109 - the deadline is this helper's job: it
-    # runs its own fail_after so that it can say what never became true.
+    timeout: float = 5.0,  # its own fail_after, so that it can say what never became true
     interval: float = 0.02,
     what: str | None = None,
     retry_on: tuple[type[Exception], ...] = (),

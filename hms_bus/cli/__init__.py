@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from hms_bus.cli import system, workflow
+from hms_bus.cli import routes, runs, system, tasks, workflow
 from hms_bus.cli.common import State, configure_logging
 
 __all__ = ["app", "main"]
@@ -28,18 +28,32 @@ app = typer.Typer(
 @app.callback()
 def _root(
     ctx: typer.Context,
-    url: str | None = typer.Option(None, "--url", help="NATS URL(s), comma-separated [HMS_NATS_URL]"),
+    url: str | None = typer.Option(
+        None, "--url", help="NATS URL(s), comma-separated [HMS_NATS_URL]"
+    ),
     root: str | None = typer.Option(None, "--root", help="namespace root [HMS_ROOT]"),
-    replicas: int | None = typer.Option(None, "--replicas", help="stream replicas: 1, 3 or 5 [HMS_REPLICAS]"),
-    creds: Path | None = typer.Option(None, "--creds", help="NATS credentials file [HMS_NATS_CREDS]"),
+    replicas: int | None = typer.Option(
+        None, "--replicas", help="stream replicas: 1, 3 or 5 [HMS_REPLICAS]"
+    ),
+    creds: Path | None = typer.Option(
+        None, "--creds", help="NATS credentials file [HMS_NATS_CREDS]"
+    ),
     nkey: Path | None = typer.Option(None, "--nkey", help="NATS nkey seed file [HMS_NATS_NKEY]"),
     user: str | None = typer.Option(None, "--user", help="NATS user [HMS_NATS_USER]"),
-    password: str | None = typer.Option(None, "--password", help="NATS password [HMS_NATS_PASSWORD]"),
+    password: str | None = typer.Option(
+        None, "--password", help="NATS password [HMS_NATS_PASSWORD]"
+    ),
     tls_ca: Path | None = typer.Option(None, "--tls-ca", help="CA bundle [HMS_NATS_TLS_CA]"),
-    tls_cert: Path | None = typer.Option(None, "--tls-cert", help="client certificate [HMS_NATS_TLS_CERT]"),
+    tls_cert: Path | None = typer.Option(
+        None, "--tls-cert", help="client certificate [HMS_NATS_TLS_CERT]"
+    ),
     tls_key: Path | None = typer.Option(None, "--tls-key", help="client key [HMS_NATS_TLS_KEY]"),
-    metrics_port: int | None = typer.Option(None, "--metrics-port", help="Prometheus port; 0 any, -1 off [HMS_METRICS_PORT]"),
-    data_dir: Path | None = typer.Option(None, "--data-dir", help="embedded server data [HMS_DATA_DIR]"),
+    metrics_port: int | None = typer.Option(
+        None, "--metrics-port", help="Prometheus port; 0 any, -1 off [HMS_METRICS_PORT]"
+    ),
+    data_dir: Path | None = typer.Option(
+        None, "--data-dir", help="embedded server data [HMS_DATA_DIR]"
+    ),
     log_level: str | None = typer.Option(
         None, "--log-level", help="DEBUG, INFO, WARNING, ERROR [daemons: INFO, tools: WARNING]"
     ),
@@ -68,7 +82,19 @@ def _root(
 
 
 system.register(app)
-app.add_typer(workflow.app, name="workflow", help="Validate, simulate and publish workflows.")
+runs.register(app)  # hms approve / hms reject
+runs.add_workflow_commands(workflow.app)  # hms workflow apply|list|show
+app.add_typer(workflow.app, name="workflow", help="Validate, simulate, apply and list workflows.")
+app.add_typer(runs.event_app, name="event", help="Publish business events.")
+app.add_typer(runs.run_app, name="run", help="Start, inspect and steer runs.")
+app.add_typer(
+    tasks.app,
+    name="task",
+    help="Human tasks: list, claim, complete, fail; reassign or reroute any task.",
+)
+app.add_typer(
+    routes.app, name="route", help="The routing table: lanes, canary weights, skills, backup pools."
+)
 
 
 def main() -> None:

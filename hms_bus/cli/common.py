@@ -20,7 +20,15 @@ import typer
 from hms_bus.errors import ConfigError, HmsError, InvalidNameError
 from hms_bus.settings import Settings, load_settings
 
-__all__ = ["State", "daemon_logging", "die", "fail_usage", "handle_errors", "run_async", "settings_of"]
+__all__ = [
+    "State",
+    "daemon_logging",
+    "die",
+    "fail_usage",
+    "handle_errors",
+    "run_async",
+    "settings_of",
+]
 
 P = ParamSpec("P")
 R = TypeVar("R")

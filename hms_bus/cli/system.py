@@ -59,8 +59,12 @@ async def _wait_for_signal() -> None:
 @handle_errors
 def server(
     ctx: typer.Context,
-    port: int = typer.Option(DEFAULT_PORT, "--port", "-p", min=0, max=65535, help="client port; 0 picks a free one"),
-    data_dir: Path | None = typer.Option(None, "--data-dir", "-d", help="store and log directory (default .hms)"),
+    port: int = typer.Option(
+        DEFAULT_PORT, "--port", "-p", min=0, max=65535, help="client port; 0 picks a free one"
+    ),
+    data_dir: Path | None = typer.Option(
+        None, "--data-dir", "-d", help="store and log directory (default .hms)"
+    ),
 ) -> None:
     """Run the bundled nats-server with JetStream on 127.0.0.1 until Ctrl-C."""
     daemon_logging(ctx)
@@ -73,7 +77,9 @@ def server(
 @handle_errors
 def up(
     ctx: typer.Context,
-    port: int = typer.Option(DEFAULT_PORT, "--port", "-p", min=0, max=65535, help="embedded server port"),
+    port: int = typer.Option(
+        DEFAULT_PORT, "--port", "-p", min=0, max=65535, help="embedded server port"
+    ),
 ) -> None:
     """Run the whole system: the embedded NATS server (unless HMS_NATS_URL is set),
     the topology, and every actor, until Ctrl-C."""
@@ -113,7 +119,9 @@ async def _run_daemon(settings: Settings, factories: list[ActorFactory], name: s
 def actor_run(
     ctx: typer.Context,
     name: str = typer.Argument(..., help="the actor to run"),
-    no_ensure: bool = typer.Option(False, "--no-ensure", help="do not create or update the topology"),
+    no_ensure: bool = typer.Option(
+        False, "--no-ensure", help="do not create or update the topology"
+    ),
 ) -> None:
     """Run one actor as its own daemon (several replicas may run at once)."""
     if name not in REGISTRY:
@@ -154,7 +162,9 @@ def check_cmd(
             typer.echo(f"hms check: {problem}", err=True)
         raise typer.Exit(1)
     alive = ", ".join(sorted({f"{b.actor}" for b in report.alive})) or "none expected"
-    typer.echo(f"ok: NATS at {report.url}, topology under {settings.bus.root!r}, actors alive: {alive}")
+    typer.echo(
+        f"ok: NATS at {report.url}, topology under {settings.bus.root!r}, actors alive: {alive}"
+    )
 
 
 @handle_errors
@@ -172,4 +182,3 @@ def topology_ensure(ctx: typer.Context) -> None:
         typer.echo(f"{len(report.unchanged)} unchanged")
 
     run_async(go)
-

@@ -119,8 +119,10 @@ class Calendar:
                 begin = t if t > opens else opens
                 if begin < closes:
                     available = (closes - begin).total_seconds()
-                    if remaining <= available:
-                        return begin + timedelta(seconds=remaining)
+                    # datetimes resolve microseconds: an overshoot below one is float
+                    # noise, and must land on this closing time, not the next opening.
+                    if remaining - available < _RESOLUTION:
+                        return min(begin + timedelta(seconds=remaining), closes)
                     remaining -= available
             day += _ONE_DAY
         raise CalendarError(f"no working time left within {_HORIZON_DAYS} days of {start}")
@@ -141,6 +143,9 @@ class Calendar:
                     total += (finish - begin).total_seconds()
             day += _ONE_DAY
         return total
+
+
+_RESOLUTION = 1e-6  # seconds: the resolution of datetime
 
 
 @functools.lru_cache(maxsize=256)

@@ -48,7 +48,10 @@ def event(n: int, name: str = "ComplaintLogged") -> Event:
 
 async def next_dead_letter(bus: Bus, ns: Namespace, seen: int = 0) -> Msg:
     sub = await bus.js.pull_subscribe(ns.dlq_all, stream=ns.dlq_stream)
-    msgs = await sub.fetch(seen + 1, timeout=5)
+    try:
+        msgs = await sub.fetch(seen + 1, timeout=5)
+    finally:
+        await sub.unsubscribe()
     return msgs[seen]
 
 
@@ -80,7 +83,8 @@ async def test_poison_messages_are_dead_lettered_and_the_next_is_handled(
             second = await next_dead_letter(bus, ns, 1)
 
         assert first.data == b"\x00not json{"
-        assert first.headers is not None and second.headers is not None
+        assert first.headers is not None
+        assert second.headers is not None
         assert first.headers[DLQ_REASON].startswith("undecodable:")
         assert first.headers[DLQ_SUBJECT] == ns.event("ComplaintLogged")
         assert first.headers[DLQ_STREAM] == ns.events_stream

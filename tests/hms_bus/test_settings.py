@@ -13,7 +13,8 @@ def test_defaults_without_environment() -> None:
 
     assert settings.nats.urls == (DEFAULT_URL,)
     assert not settings.nats.explicit
-    assert settings.bus.root == "hms" and settings.bus.replicas == 1
+    assert settings.bus.root == "hms"
+    assert settings.bus.replicas == 1
 
 
 def test_environment_and_flags_merge_with_flags_winning(tmp_path: Path) -> None:
@@ -30,8 +31,10 @@ def test_environment_and_flags_merge_with_flags_winning(tmp_path: Path) -> None:
     settings = load_settings(env, {"HMS_ROOT": "ftc", "HMS_METRICS_PORT": None})
 
     assert settings.nats.urls == ("nats://10.0.0.1:4222", "nats://10.0.0.2:4222")
-    assert settings.nats.explicit and settings.nats.creds_file == creds
-    assert settings.bus.root == "ftc" and settings.bus.replicas == 3
+    assert settings.nats.explicit
+    assert settings.nats.creds_file == creds
+    assert settings.bus.root == "ftc"
+    assert settings.bus.replicas == 3
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,8 @@ async def test_ensure_twice_changes_nothing(nc: Client, ns: Namespace) -> None:
 
     second = await ensure_topology(js, settings)
 
-    assert second.created == [] and second.updated == []
+    assert second.created == []
+    assert second.updated == []
     assert len(second.unchanged) == len(first.created)
 
 
@@ -65,4 +66,5 @@ async def test_ledger_refuses_deletes_and_purges(nc: Client, ns: Namespace) -> N
 
     info = await js.stream_info(ns.ledger_stream)
 
-    assert info.config.deny_delete and info.config.deny_purge
+    assert info.config.deny_delete
+    assert info.config.deny_purge

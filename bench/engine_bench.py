@@ -1,0 +1,157 @@
+"""Engine benchmark: inputs applied per second, as the dispatcher applies them.
+
+Each input costs what it costs the dispatcher per message: `advance` (or
+`start_run`), then a JSON encode of the new run state (the KV write) and a decode
+(the next load). The workload is a 10-step run: ten task steps with SLAs (so every
+step arms and disarms timers), a run SLA, a first response and a completion per step,
+and one failure with its retry timer: 23 inputs from start to DONE.
+
+Runs on one core (the engine is single-threaded Python), measured in CPU time of
+this process, so that other work on the machine does not count against it; bounded
+in count and time; prints the median of several samples, and a calibration: the
+time of a fixed pure-Python loop, which tells how fast this machine's core is (a
+current laptop core runs it in about 10 us). Usage: `python bench/engine_bench.py`.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+
+import msgspec
+
+from hms_bus.messages import (
+    ArmTimer,
+    Input,
+    StartRun,
+    TaskCompleted,
+    TaskFailed,
+    TaskProgress,
+    TimerFired,
+)
+from hms_bus.workflow.engine import advance, start_run
+from hms_bus.workflow.model import Duration, Retry, TaskStep, Workflow
+from hms_bus.workflow.state import RunState
+
+TARGET = 20_000  # inputs per second, on one core
+SAMPLES = 7
+RUNS_PER_SAMPLE = 300
+MAX_SAMPLE_SECONDS = 5.0
+
+T0 = datetime(2026, 11, 20, 14, 0, tzinfo=UTC)
+RUN = "BEN-20261120-00001"
+
+WORKFLOW = Workflow(
+    id="bench",
+    prefix="BEN",
+    sla=Duration(seconds=48 * 3600, text="48h"),
+    steps=tuple(
+        TaskStep(
+            id=f"step{i}",
+            actor="AI:bench" if i % 3 else "SVC:bench",
+            input={"n": "payload.n", "prev": f"results.step{i - 1}.value"} if i else None,
+            sla=Duration(seconds=3600, text="1h"),
+            retry=Retry(attempts=3, backoff=Duration(seconds=30, text="30s")),
+        )
+        for i in range(10)
+    ),
+)
+START = StartRun(id="start-1", workflow="bench", key="k-1", payload={"n": 7, "who": "citizen"})
+
+encoder = msgspec.json.Encoder()
+decoder = msgspec.json.Decoder(RunState)
+
+
+def script() -> list[tuple[datetime, Input]]:
+    """The inputs of one run, in order, with the time each arrives (built once)."""
+    inputs: list[tuple[datetime, Input]] = []
+    run = start_run(WORKFLOW, START, RUN, T0).run
+    now = T0
+    for i in range(10):
+        attempt = 1
+        while True:
+            task = f"{RUN}/step{i}/{attempt}"
+            common = {"task": task, "run": RUN, "step": f"step{i}", "attempt": attempt}
+            now += timedelta(seconds=20)
+            progress = TaskProgress(id=f"p-{i}-{attempt}", by="w", **common)  # type: ignore[arg-type]
+            run = advance(WORKFLOW, run, progress, now).run
+            inputs.append((now, progress))
+            now += timedelta(minutes=2)
+            if i == 3 and attempt == 1:
+                failed = TaskFailed(id=f"f-{i}", by="w", error="503", **common)  # type: ignore[arg-type]
+                transition = advance(WORKFLOW, run, failed, now)
+                inputs.append((now, failed))
+                arm = next(
+                    e
+                    for e in transition.effects
+                    if isinstance(e, ArmTimer) and e.purpose == "retry"
+                )
+                fired = TimerFired(
+                    id=f"t-{i}", timer=arm.timer, run=RUN, due_at=arm.due_at,
+                    fired_at=arm.due_at, purpose=arm.purpose, step=arm.step, data=arm.data,
+                )  # fmt: skip
+                now = arm.due_at
+                run = advance(WORKFLOW, transition.run, fired, now).run
+                inputs.append((now, fired))
+                attempt += 1
+                continue
+            done = TaskCompleted(id=f"c-{i}", by="w", output={"value": i, "ok": True}, **common)  # type: ignore[arg-type]
+            run = advance(WORKFLOW, run, done, now).run
+            inputs.append((now, done))
+            break
+    assert run.status == "DONE", run.status
+    return inputs
+
+
+def one_run(inputs: list[tuple[datetime, Input]]) -> int:
+    run = decoder.decode(encoder.encode(start_run(WORKFLOW, START, RUN, T0).run))
+    for now, message in inputs:
+        run = decoder.decode(encoder.encode(advance(WORKFLOW, run, message, now).run))
+    return len(inputs) + 1
+
+
+def sample(inputs: list[tuple[datetime, Input]]) -> float:
+    count = 0
+    began = time.process_time()
+    for _ in range(RUNS_PER_SAMPLE):
+        count += one_run(inputs)
+        if time.process_time() - began > MAX_SAMPLE_SECONDS:
+            break
+    return count / (time.process_time() - began)
+
+
+def calibration() -> float:
+    """Microseconds of CPU for `sum(range(1000))`: this machine's core speed."""
+    rounds = 2000
+    best = float("inf")
+    for _ in range(5):
+        began = time.process_time()
+        for _ in range(rounds):
+            sum(range(1000))
+        best = min(best, (time.process_time() - began) / rounds * 1e6)
+    return best
+
+
+def main() -> int:
+    inputs = script()
+    one_run(inputs)  # warm caches (compiled expressions, plans)
+    rates = sorted(sample(inputs) for _ in range(SAMPLES))
+    median = statistics.median(rates)
+    size = len(
+        encoder.encode(decoder.decode(encoder.encode(start_run(WORKFLOW, START, RUN, T0).run)))
+    )
+    print(
+        f"engine: {median:,.0f} inputs/s (median of {SAMPLES}; min {rates[0]:,.0f}, "
+        f"max {rates[-1]:,.0f}); advance + JSON encode + decode of the run state, "
+        f"10-step run, {len(inputs) + 1} inputs per run, initial state {size} bytes"
+    )
+    print(f"calibration: sum(range(1000)) takes {calibration():.1f} us of CPU on this core")
+    ok = median >= TARGET
+    print(f"target: {TARGET:,} inputs/s on one core: {'met' if ok else 'NOT met'}")
+    return 0  # a figure, not a gate: shared machines vary too much to fail a build on it
+
+
+if __name__ == "__main__":
+    sys.exit(main())
