@@ -8,8 +8,13 @@ an actor is listed here only once it exists.
 
 from __future__ import annotations
 
+from actors.dispatcher import Dispatcher
+from actors.router import Router
 from hms_bus.daemon import ActorFactory
 
 __all__ = ["REGISTRY"]
 
-REGISTRY: dict[str, ActorFactory] = {}
+REGISTRY: dict[str, ActorFactory] = {
+    "dispatcher": Dispatcher,
+    "router": Router,
+}

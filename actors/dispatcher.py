@@ -1,0 +1,233 @@
+"""The dispatcher: the only writer of run state.
+
+Consumes: business events (`hms.events.>`), commands (`hms.cmd.>`), task results
+and router outcomes (`hms.result.>`), timer firings (`hms.timer.fired`).
+Emits: route requests and task cancellations (`hms.route.*`), timer arm/disarm
+(`hms.timer.arm|disarm`), notifications (`hms.notify.<kind>`), facts
+(`hms.audit.dispatcher`).
+Owns: run state (the runs bucket: `run.<id>`, idempotency keys, daily id sequences).
+
+For each input: load the run and its KV revision, call the pure engine
+(`advance`), write the new state with compare-and-set on that revision, publish
+the effects with their deterministic ids, and only then ack (the consume loop
+acks when the handler returns). The run state carries the outbox: the effects of
+each applied input, written in the same compare-and-set as the state.
+
+Crash anywhere and the input is redelivered: if the write had happened, the
+engine sees the input's id among the applied ones and hands back the outbox
+entry, which is published again (the streams' duplicate windows drop what was
+already out); if not, it is applied afresh. Nothing is lost, nothing doubled.
+
+Replicas share the four durables. Two replicas applying inputs of the same run
+race on the revision: the loser re-reads and re-applies (the engine is a pure
+function of state and input, so re-applying is exact). An event starts one run
+per triggered workflow, exactly once per event id: the idempotency key is bound
+to the run id with a KV `create`, which only one replica can win.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import anyio
+from anyio.abc import TaskStatus
+from nats.aio.msg import Msg
+
+from hms_bus.clock import Clock, SystemClock
+from hms_bus.connection import Bus
+from hms_bus.consume import ConsumeLoop
+from hms_bus.errors import NotFoundError, PermanentError, RetryLater
+from hms_bus.messages import (
+    COMMAND_TYPES,
+    RESULT_TYPES,
+    ArmTimer,
+    CancelTask,
+    DisarmTimer,
+    Effect,
+    Event,
+    Fact,
+    Message,
+    Notify,
+    RouteTask,
+    Signal,
+    StartRun,
+    TimerFired,
+    decoder_for,
+)
+from hms_bus.metrics import Metrics
+from hms_bus.registry import Registry
+from hms_bus.runs import Conflict, RunStore
+from hms_bus.subjects import check_token
+from hms_bus.workflow.engine import advance, outbox_effects, start_run
+
+__all__ = ["Dispatcher"]
+
+log = logging.getLogger(__name__)
+
+#: Compare-and-set attempts on one input before giving it back for redelivery.
+MAX_RACES = 20
+
+
+class Dispatcher:
+    name = "dispatcher"
+
+    def __init__(
+        self, bus: Bus, metrics: Metrics, *, clock: Clock | None = None, concurrency: int = 32
+    ) -> None:
+        self._bus = bus
+        self._metrics = metrics
+        self._clock = clock or SystemClock()
+        ns = bus.ns
+        self._runs: RunStore | None = None
+        self._registry: Registry | None = None
+
+        def loop(kind: str, stream: str, types: Any, handler: Any) -> ConsumeLoop[Any]:
+            return ConsumeLoop(
+                bus,
+                stream=stream,
+                durable=ns.durable("dispatcher", kind),
+                decoder=decoder_for(types).decode,
+                handler=handler,
+                metrics=metrics,
+                concurrency=concurrency,
+            )
+
+        self._loops = [
+            loop("events", ns.events_stream, Event, self._on_event),
+            loop("commands", ns.commands_stream, COMMAND_TYPES, self._on_input),
+            loop("results", ns.results_stream, RESULT_TYPES, self._on_input),
+            loop("timers", ns.timers_stream, TimerFired, self._on_input),
+        ]
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        self._runs = await RunStore.open(self._bus)
+        self._registry = await Registry.open(self._bus)
+        async with anyio.create_task_group() as tg:
+            for consume in self._loops:
+                await tg.start(consume.run)
+            task_status.started()
+
+    def stop(self) -> None:
+        for consume in self._loops:
+            consume.stop()
+
+    @property
+    def runs(self) -> RunStore:
+        assert self._runs is not None, "dispatcher not running"
+        return self._runs
+
+    @property
+    def registry(self) -> Registry:
+        assert self._registry is not None, "dispatcher not running"
+        return self._registry
+
+    # -- inputs ----------------------------------------------------------------------
+    async def _on_event(self, event: Event, msg: Msg) -> None:
+        if event.run is not None:
+            # A reply for a run that waits on it (stop-the-clock), not a new request.
+            signal = Signal(id=event.id, run=event.run, name=event.name, payload=event.payload)
+            await self._apply(signal.run, signal)
+            return
+        workflows = await self.registry.triggered_by(event.name)
+        if not workflows:
+            raise PermanentError(
+                f"no applied workflow starts on event {event.name!r}; apply one with "
+                f"`start: {event.name}` and replay this dead letter"
+            )
+        for workflow in workflows:
+            await self._start(
+                StartRun(
+                    id=f"{event.id}/{workflow.id}",
+                    workflow=workflow.id,
+                    version=workflow.version,
+                    key=f"event/{event.id}/{workflow.id}",
+                    payload=event.payload,
+                    case=event.case,
+                    event=event.name,
+                    at=event.at,
+                )
+            )
+
+    async def _on_input(self, message: Message, msg: Msg) -> None:
+        if isinstance(message, StartRun):
+            await self._start(message)
+            return
+        run_id = getattr(message, "run", None)
+        if not isinstance(run_id, str):
+            raise PermanentError(f"{type(message).__name__} names no run")
+        await self._apply(run_id, message)
+
+    # -- the two transitions -----------------------------------------------------------
+    async def _start(self, command: StartRun) -> None:
+        try:
+            workflow = await self.registry.get(command.workflow, command.version)
+        except NotFoundError as exc:
+            raise PermanentError(str(exc)) from None
+        now = self._clock.now()
+        run_id = await self.runs.owner_of(command.key)
+        if run_id is None:
+            fresh = await self.runs.allocate_id(workflow.prefix, now.date())
+            try:
+                run_id = await self.runs.claim(command.key, fresh)
+            except Conflict:
+                raise RetryLater(f"idempotency key of {command.id} changed under us", 0.1) from None
+        stored = await self.runs.get(run_id)
+        if stored is not None:
+            # Started before (a duplicate event, or a crash after the write).
+            await self._publish(outbox_effects(stored.run, command.id))
+            return
+        transition = start_run(workflow, command, run_id, now)
+        try:
+            await self.runs.create(transition.run)
+        except Conflict:
+            raise RetryLater(f"run {run_id} is being created by another replica", 0.1) from None
+        await self._publish(transition.effects)
+
+    async def _apply(self, run_id: str, message: Message) -> None:
+        for _ in range(MAX_RACES):
+            stored = await self.runs.get(run_id)
+            if stored is None:
+                raise PermanentError(f"unknown run {run_id!r}")
+            try:
+                workflow = await self.registry.get(stored.run.workflow, stored.run.version)
+            except NotFoundError as exc:
+                raise PermanentError(f"run {run_id}: {exc}") from None
+            transition = advance(workflow, stored.run, message, self._clock.now())  # type: ignore[arg-type]
+            if transition.duplicate:
+                await self._publish(transition.effects)
+                return
+            try:
+                await self.runs.update(transition.run, stored.revision)
+            except Conflict:
+                self._metrics.cas_conflicts.labels(self.name).inc()
+                continue
+            await self._publish(transition.effects)
+            return
+        raise RetryLater(f"run {run_id}: lost {MAX_RACES} compare-and-set races in a row", 0.5)
+
+    # -- effects -----------------------------------------------------------------------
+    async def _publish(self, effects: Iterable[Effect]) -> None:
+        await self._bus.publish_all((self._subject(effect), effect) for effect in effects)
+
+    def _subject(self, effect: Effect) -> str:
+        ns = self._bus.ns
+        match effect:
+            case RouteTask():
+                return ns.route("request")
+            case CancelTask():
+                return ns.route("cancel")
+            case ArmTimer():
+                return ns.timer("arm")
+            case DisarmTimer():
+                return ns.timer("disarm")
+            case Notify(channel=channel):
+                kind = channel.partition(":")[0]
+                try:
+                    return ns.notify(check_token(kind, "channel kind"))
+                except ValueError:
+                    return ns.notify("other")
+            case Fact():
+                return ns.audit("dispatcher")
+        raise PermanentError(f"the engine produced an unknown effect {type(effect).__name__}")

@@ -1,0 +1,221 @@
+"""The dispatcher against a real server: exactly-once starts, idempotent commands,
+poison inputs, and two replicas racing on one run without losing an update."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import pytest
+from nats.aio.msg import Msg
+
+from actors.dispatcher import Dispatcher
+from hms_bus.connection import Bus, open_bus
+from hms_bus.consume import DLQ_REASON
+from hms_bus.messages import (
+    AUDIT_TYPES,
+    ROUTE_TYPES,
+    Event,
+    Fact,
+    PauseRun,
+    RouteTask,
+    TaskCompleted,
+    decoder_for,
+    encode,
+)
+from hms_bus.metrics import Metrics
+from hms_bus.registry import Registry
+from hms_bus.runs import RunStore
+from hms_bus.settings import BusSettings, NatsSettings
+from hms_bus.subjects import Lane, Namespace
+from hms_bus.topology import ensure_topology
+from hms_bus.workflow.loader import load_workflow
+from hms_bus.workflow.model import FanoutStep, Join, Workflow
+from tests.helpers import eventually
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+@asynccontextmanager
+async def dispatchers(
+    url: str, ns: Namespace, replicas: int = 1
+) -> AsyncIterator[tuple[Bus, list[Dispatcher]]]:
+    async with open_bus(NatsSettings(urls=(url,)), BusSettings(root=ns.root), "test") as bus:
+        await ensure_topology(bus.js, bus.settings)
+        registry = await Registry.open(bus)
+        await registry.apply(load_workflow(EXAMPLES / "ftc-complaint.yaml"))
+        started = [Dispatcher(bus, Metrics.create()) for _ in range(replicas)]
+        async with anyio.create_task_group() as tg:
+            for d in started:
+                await tg.start(d.run)
+            try:
+                yield bus, started
+            finally:
+                for d in started:
+                    d.stop()
+
+
+async def drain(bus: Bus, stream: str, durable: str, n: int, types: object) -> list[object]:
+    """Up to `n` messages from a durable (fewer if no more come within 3 s)."""
+    sub = await bus.js.pull_subscribe_bind(durable=durable, stream=stream)
+    out: list[object] = []
+    try:
+        with anyio.move_on_after(3):
+            while len(out) < n:
+                for m in await sub.fetch(n - len(out), timeout=3):
+                    out.append(decoder_for(types).decode(m.data))
+                    await m.ack()
+    except TimeoutError:
+        pass
+    finally:
+        await sub.unsubscribe()
+    return out
+
+
+async def dead_letter(bus: Bus, ns: Namespace) -> Msg:
+    sub = await bus.js.pull_subscribe(ns.dlq_all, stream=ns.dlq_stream)
+    try:
+        return (await sub.fetch(1, timeout=5))[0]
+    finally:
+        await sub.unsubscribe()
+
+
+async def test_an_event_published_twice_starts_one_run(nats_url: str, ns: Namespace) -> None:
+    async with dispatchers(nats_url, ns) as (bus, _):
+        event = Event(
+            id="evt-42", name="ComplaintLogged", payload={"complaintId": "C-42", "text": "Spam"}
+        )
+        await bus.publish(ns.event("ComplaintLogged"), event)
+        await bus.publish(ns.event("ComplaintLogged"), event)  # same id, inside the window
+        await bus.js.publish(  # same id again, as a new stream message (past any window)
+            ns.event("ComplaintLogged"), b'{"type":"Event","id":"evt-42","name":"ComplaintLogged"}'
+        )
+        runs = await RunStore.open(bus)
+        await eventually(lambda: _consumed(bus, ns), what="events consumed")
+
+        routed = await drain(bus, ns.route_stream, ns.durable("router", "route"), 5, ROUTE_TYPES)
+        run_ids = await runs.run_ids()
+
+    assert len(run_ids) == 1
+    assert [r.step for r in routed if isinstance(r, RouteTask)] == ["classify"]
+
+
+async def _consumed(bus: Bus, ns: Namespace) -> bool:
+    info = await bus.js.consumer_info(ns.events_stream, ns.durable("dispatcher", "events"))
+    return info.num_pending == 0 and info.num_ack_pending == 0 and info.delivered.stream_seq == 2
+
+
+async def test_a_command_sent_twice_applies_once(nats_url: str, ns: Namespace) -> None:
+    async with dispatchers(nats_url, ns) as (bus, _):
+        await bus.publish(ns.event("ComplaintLogged"), Event(id="e1", name="ComplaintLogged"))
+        runs = await RunStore.open(bus)
+        run_id = (await eventually(runs.run_ids, what="run started"))[0]
+        pause = PauseRun(id="pause-1", run=run_id, by="supervisor", reason="citizen called")
+        for _ in range(2):
+            await bus.js.publish(ns.command("pause"), encode(pause))  # no Nats-Msg-Id: stored twice
+        await eventually(lambda: _status(runs, run_id, "PAUSED"), what="run paused")
+
+        facts = await drain(bus, ns.audit_stream, ns.durable("ledger", "audit"), 50, AUDIT_TYPES)
+
+    paused = [f for f in facts if isinstance(f, Fact) and f.kind == "run.paused"]
+    assert len(paused) == 1
+    assert (paused[0].by, paused[0].reason) == ("supervisor", "citizen called")
+
+
+async def _status(runs: RunStore, run_id: str, status: str) -> bool:
+    stored = await runs.get(run_id)
+    return stored is not None and stored.run.status == status
+
+
+async def test_an_event_nobody_starts_on_is_dead_lettered_with_the_reason(
+    nats_url: str, ns: Namespace
+) -> None:
+    async with dispatchers(nats_url, ns) as (bus, _):
+        await bus.publish(ns.event("PassportLost"), Event(id="e-x", name="PassportLost"))
+        dead = await dead_letter(bus, ns)
+
+    assert dead.headers is not None
+    assert dead.headers[DLQ_REASON].startswith("no applied workflow starts on event 'PassportLost'")
+
+
+@pytest.mark.parametrize(
+    ("subject_verb", "body", "reason"),
+    [
+        (
+            "pause",
+            b'{"type":"PauseRun","id":"p","run":"NOPE-1","by":"a","reason":"b"}',
+            "unknown run 'NOPE-1'",
+        ),
+        ("pause", b'{"type":"PauseRun","id":"p"}', "schema-invalid"),
+        ("pause", b"\xff\xfe", "undecodable"),
+        (
+            "start",
+            b'{"type":"StartRun","id":"s","workflow":"nope","key":"k"}',
+            "unknown workflow 'nope'",
+        ),
+    ],
+)
+async def test_poison_commands_are_dead_lettered_and_the_dispatcher_keeps_serving(
+    nats_url: str, ns: Namespace, subject_verb: str, body: bytes, reason: str
+) -> None:
+    async with dispatchers(nats_url, ns) as (bus, _):
+        await bus.js.publish(ns.command(subject_verb), body)
+        dead = await dead_letter(bus, ns)
+        await bus.publish(ns.event("ComplaintLogged"), Event(id="after", name="ComplaintLogged"))
+        runs = await RunStore.open(bus)
+        await eventually(runs.run_ids, what="next event still starts a run")
+
+    assert dead.headers is not None
+    assert reason in dead.headers[DLQ_REASON]
+
+
+async def test_two_replicas_racing_on_one_run_lose_no_update(nats_url: str, ns: Namespace) -> None:
+    items = 40
+    fanout = Workflow(
+        id="mass-mailing",
+        prefix="MAIL",
+        start=("MailingRequested",),
+        steps=(
+            FanoutStep(id="send", over="payload.recipients", actor="SVC:mailer", join=Join("all")),
+        ),
+    )
+    async with dispatchers(nats_url, ns, replicas=2) as (bus, replicas):
+        await (await Registry.open(bus)).apply(fanout)
+        await bus.publish(
+            ns.event("MailingRequested"),
+            Event(id="m1", name="MailingRequested", payload={"recipients": list(range(items))}),
+        )
+        routed = await drain(
+            bus, ns.route_stream, ns.durable("router", "route"), items, ROUTE_TYPES
+        )
+        tasks = [r for r in routed if isinstance(r, RouteTask)]
+        assert len(tasks) == items
+        await bus.publish_all(
+            (
+                ns.result(Lane.parse("SVC:mailer")),
+                TaskCompleted(
+                    id=f"{t.task}/done",
+                    task=t.task,
+                    run=t.run,
+                    step=t.step,
+                    attempt=t.attempt,
+                    by="mailer-1",
+                    output={"item": t.item},
+                ),
+            )
+            for t in tasks
+        )
+        runs = await RunStore.open(bus)
+        run_id = tasks[0].run
+        await eventually(lambda: _status(runs, run_id, "DONE"), timeout=20, what="fan-out joined")
+        final = (await runs.require(run_id)).run
+        conflicts = sum(
+            d._metrics.registry.get_sample_value("hms_cas_conflicts_total", {"actor": "dispatcher"})
+            or 0
+            for d in replicas
+        )
+
+    assert final.results["send"] == [{"item": i} for i in range(items)]
+    assert conflicts > 0  # the replicas did race; compare-and-set kept every result
