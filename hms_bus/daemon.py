@@ -107,7 +107,9 @@ class Daemon:
             await tg.start(run_actors)
             tg.start_soon(self._beat, bus)
             tg.start_soon(self._watch_signals)
-            log.info("%s ready: %s", self.name, ", ".join(a.name for a in self._actors) or "no actors")
+            log.info(
+                "%s ready: %s", self.name, ", ".join(a.name for a in self._actors) or "no actors"
+            )
             task_status.started()
 
             await _first_of(self._stop, actors_done)
@@ -116,8 +118,10 @@ class Daemon:
             with anyio.move_on_after(self.settings.daemon.grace_seconds) as grace:
                 await actors_done.wait()
             if grace.cancelled_caught:
-                log.warning("grace period of %.1fs over; cancelling in-flight work",
-                            self.settings.daemon.grace_seconds)
+                log.warning(
+                    "grace period of %.1fs over; cancelling in-flight work",
+                    self.settings.daemon.grace_seconds,
+                )
                 actors_scope.cancel()
                 await actors_done.wait()
             tg.cancel_scope.cancel()
@@ -126,8 +130,10 @@ class Daemon:
     async def _watch_signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
-                log.info("received %s: stopping intake, finishing in-flight work",
-                         signal.Signals(signum).name)
+                log.info(
+                    "received %s: stopping intake, finishing in-flight work",
+                    signal.Signals(signum).name,
+                )
                 self.stop()
                 return
 
@@ -140,7 +146,9 @@ class Daemon:
                 if kv is None:
                     kv = await bus.js.key_value(bus.ns.health_bucket)
                 for actor in self._actors:
-                    await write_heartbeat(kv, bus, new_heartbeat(actor.name, self.instance, started))
+                    await write_heartbeat(
+                        kv, bus, new_heartbeat(actor.name, self.instance, started)
+                    )
                     self.metrics.heartbeats.labels(actor.name).inc()
             except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
                 log.warning("heartbeat failed: %s", exc)
@@ -153,6 +161,7 @@ async def _run_actor(actor: Actor, *, task_status: TaskStatus[None]) -> None:
 
 async def _first_of(*events: anyio.Event) -> None:
     async with anyio.create_task_group() as tg:
+
         async def wait(event: anyio.Event) -> None:
             await event.wait()
             tg.cancel_scope.cancel()
