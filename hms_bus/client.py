@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import anyio
 import msgspec
@@ -46,9 +46,18 @@ from hms_bus.registry import Applied, Registry
 from hms_bus.runs import RunStore, key_entry, run_entry
 from hms_bus.settings import Settings, load_settings
 from hms_bus.subjects import check_token
+from hms_bus.views import (
+    RunStatusView,
+    RunSummary,
+    StepView,
+    WaitingOn,
+    WorkflowSummary,
+    status_view,
+    summary,
+)
 from hms_bus.workflow.loader import load_workflow
-from hms_bus.workflow.model import CheckpointStep, Step, WaitStep, Workflow
-from hms_bus.workflow.state import ACTIVE_STEP, TERMINAL_RUN, RunState, StepState, TaskState
+from hms_bus.workflow.model import Workflow
+from hms_bus.workflow.state import TERMINAL_RUN, RunState, TaskState
 
 __all__ = [
     "TERMINAL_RUN",
@@ -86,152 +95,6 @@ class WaitTimeoutError(HmsError, TimeoutError):
 
 
 # -- views: what readers get ---------------------------------------------------------
-
-
-class WaitingOn(msgspec.Struct, frozen=True, kw_only=True):
-    """What an active step waits on. `kind`: `worker` (an AI/SVC lane), `human` (a
-    HUMAN lane or inbox), `decision` (a checkpoint; `on` is the role), `event` (a wait
-    step; `on` is the event name), `retry` (a backoff), `resume` (the run is paused)."""
-
-    step: str
-    kind: Literal["worker", "human", "decision", "event", "retry", "resume"]
-    on: str
-
-
-class StepView(msgspec.Struct, frozen=True, kw_only=True):
-    """One step: `attempt` is the highest of its units, `due` its SLA deadline, `items`
-    the fan-out's unit count (1 otherwise), `by` who completed or decided it."""
-
-    step: str
-    type: str
-    status: str
-    attempt: int = 0
-    items: int = 1
-    actor: str | None = None
-    lane: str | None = None
-    claimed_by: str | None = None
-    due: datetime | None = None
-    retry_due: datetime | None = None
-    reason: str | None = None
-    finished_at: datetime | None = None
-    by: tuple[str, ...] = ()
-
-
-class RunSummary(msgspec.Struct, frozen=True, kw_only=True):
-    run: str
-    workflow: str
-    version: int
-    status: str
-    case: str | None
-    started_at: datetime
-    updated_at: datetime
-    finished_at: datetime | None = None
-
-
-class RunStatusView(msgspec.Struct, frozen=True, kw_only=True):
-    """A run as its user is told about it (`getStatus` in the seeds). The payload and
-    results stay out: they may hold what a workflow marks `sensitive`."""
-
-    run: str
-    workflow: str
-    version: int
-    status: str
-    key: str
-    case: str | None
-    event: str | None
-    started_by: str | None
-    started_at: datetime
-    updated_at: datetime
-    finished_at: datetime | None
-    reason: str | None
-    paused_by: str | None
-    due: datetime | None
-    sla_breached: bool
-    waiting_for: tuple[WaitingOn, ...]
-    steps: tuple[StepView, ...]
-
-
-class WorkflowSummary(msgspec.Struct, frozen=True, kw_only=True):
-    id: str
-    version: int
-    versions: tuple[int, ...]
-    title: str
-    prefix: str
-    start: tuple[str, ...]
-
-
-# -- shaping run state into views --------------------------------------------------------
-
-
-def _step_type(step: Step | None) -> str:
-    return "" if step is None else str(type(step).__struct_config__.tag)
-
-
-def _waiting(sid: str, st: StepState, step: Step | None, run: RunState) -> WaitingOn | None:
-    if st.status not in ACTIVE_STEP:
-        return None
-    actor = st.actor or getattr(step, "actor", "") or ""
-    if st.status == "READY":
-        return WaitingOn(step=sid, kind="resume", on=run.paused.by if run.paused else "")
-    if st.status == "RETRYING":
-        return WaitingOn(step=sid, kind="retry", on=actor)
-    if isinstance(step, WaitStep):
-        return WaitingOn(step=sid, kind="event", on=step.event)
-    if isinstance(step, CheckpointStep):
-        return WaitingOn(step=sid, kind="decision", on=step.role)
-    return WaitingOn(step=sid, kind="human" if actor.startswith("HUMAN:") else "worker", on=actor)
-
-
-def _step_view(sid: str, st: StepState, step: Step | None, run: RunState) -> StepView:
-    tasks = [run.tasks[u.task] for u in st.units if u.task is not None and u.task in run.tasks]
-    live = [t for t in tasks if t.status in ("DISPATCHED", "IN_PROGRESS")] or tasks[-1:]
-    retry_due = [u.retry_due for u in st.units if u.retry_due is not None]
-    return StepView(
-        step=sid,
-        type=_step_type(step),
-        status=st.status,
-        attempt=max((u.attempt for u in st.units), default=0),
-        items=max(len(st.units), 1),
-        actor=st.actor or getattr(step, "actor", None),
-        lane=next((t.lane for t in live if t.lane), None),
-        claimed_by=next((t.claimant for t in live if t.claimant), None),
-        due=st.clock.deadline if st.clock is not None else None,
-        retry_due=min(retry_due) if retry_due else None,
-        reason=st.reason,
-        finished_at=st.finished_at,
-        by=tuple(st.by) or tuple(d.by for d in st.decisions),
-    )
-
-
-def status_view(run: RunState, workflow: Workflow | None) -> RunStatusView:
-    """The view of `run`; `workflow` (its pinned version) adds step types and what
-    wait steps and checkpoints wait on, and orders steps as written."""
-    steps = {s.id: s for s in workflow.steps} if workflow is not None else {}
-    order = [sid for sid in steps if sid in run.steps] + [s for s in run.steps if s not in steps]
-    waiting = (_waiting(sid, run.steps[sid], steps.get(sid), run) for sid in order)
-    return RunStatusView(
-        run=run.run,
-        workflow=run.workflow,
-        version=run.version,
-        status=run.status,
-        key=run.key,
-        case=run.case,
-        event=run.event,
-        started_by=run.started_by,
-        started_at=run.started_at,
-        updated_at=run.updated_at,
-        finished_at=run.finished_at,
-        reason=run.reason,
-        paused_by=run.paused.by if run.paused is not None else None,
-        due=run.clock.deadline if run.clock is not None else None,
-        sla_breached=run.sla_breached,
-        waiting_for=tuple(w for w in waiting if w is not None),
-        steps=tuple(_step_view(sid, run.steps[sid], steps.get(sid), run) for sid in order),
-    )
-
-
-def _summary(run: RunState) -> RunSummary:
-    return RunSummary(**{name: getattr(run, name) for name in RunSummary.__struct_fields__})
 
 
 def _check_key(key: str, what: str = "idempotency key") -> str:
@@ -443,7 +306,7 @@ class Client:
         wanted = {status} if isinstance(status, str) else set(status or ())
         _, store = await self._store()
         found = [
-            _summary(run)
+            summary(run)
             async for run in store.all()
             if (not wanted or run.status in wanted)
             and (workflow is None or run.workflow == workflow)
