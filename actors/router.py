@@ -309,12 +309,15 @@ class Router:
             await self._bus.publish(ns.audit("router"), fact)
         else:
             if lane_text not in self._ensured:
+                # Create only: the lane's workers own its ack wait (they know how
+                # long their tasks take); the router must not reset it.
                 await ensure_lane(
                     self._bus.js,
                     ns,
                     lane,
                     ack_wait=self._lane_ack_wait,
                     max_deliver=self._lane_max_deliver,
+                    update=False,
                 )
                 self._ensured.add(lane_text)
             await self._bus.publish_all([(ns.task(lane), task), (ns.audit("router"), fact)])

@@ -6,7 +6,11 @@ Keys (all in `<root>_runs`):
 - `key.<sha256 of the idempotency key>`: the run id a `StartRun` key produced;
   created with `create` (fails if present), so one key starts one run, ever.
 - `seq.<PREFIX>.<YYYYMMDD>`: the daily sequence behind run ids like
-  `COM-20261120-00042`, incremented by compare-and-set.
+  `COM-20261120-00042`. A dispatcher reserves `ID_BLOCK` numbers at a time with
+  one compare-and-set and hands them out locally (under a lock): 32 concurrent
+  handlers racing on one key otherwise spent most of their time losing races.
+  The price: ids of two replicas interleave out of time order, and a crash leaves
+  the unused rest of a block as a gap. Ids are unique, never dense.
 
 Readers (CLI, SDK, console) use the same `RunStore` read-only.
 """
@@ -18,6 +22,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import date
 
+import anyio
 import msgspec
 import nats.js.errors
 from nats.js.kv import KeyValue
@@ -28,7 +33,10 @@ from hms_bus.keys import list_keys
 from hms_bus.workflow.engine import format_run_id
 from hms_bus.workflow.state import RunState
 
-__all__ = ["Conflict", "RunStore", "StoredRun", "key_entry", "run_entry"]
+__all__ = ["ID_BLOCK", "Conflict", "RunStore", "StoredRun", "key_entry", "run_entry"]
+
+#: Run-id numbers a dispatcher reserves per compare-and-set on a daily sequence.
+ID_BLOCK = 20
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(RunState)
@@ -57,6 +65,8 @@ def key_entry(key: str) -> str:
 class RunStore:
     def __init__(self, kv: KeyValue) -> None:
         self._kv = kv
+        self._id_lock = anyio.Lock()
+        self._blocks: dict[str, tuple[int, int]] = {}  # sequence key -> (next, last)
 
     @classmethod
     async def open(cls, bus: Bus) -> RunStore:
@@ -112,21 +122,33 @@ class RunStore:
     # -- run ids -------------------------------------------------------------------
     async def allocate_id(self, prefix: str, day: date) -> str:
         key = f"seq.{prefix}.{day:%Y%m%d}"
+        async with self._id_lock:
+            following, last = self._blocks.get(key, (1, 0))
+            if following > last:
+                last = await self._reserve(key, ID_BLOCK)
+                following = last - ID_BLOCK + 1
+                if len(self._blocks) > 64:  # yesterday's sequences are done with
+                    self._blocks.clear()
+            self._blocks[key] = (following + 1, last)
+        return format_run_id(prefix, day, following)
+
+    async def _reserve(self, key: str, count: int) -> int:
+        """Add `count` to the sequence `key`; return the new last number."""
         while True:
             try:
                 entry = await self._kv.get(key)
             except nats.js.errors.KeyNotFoundError:
                 try:
-                    await self._kv.create(key, b"1")
+                    await self._kv.create(key, str(count).encode())
                 except nats.js.errors.KeyWrongLastSequenceError:
                     continue
-                return format_run_id(prefix, day, 1)
-            seq = int(entry.value or b"0") + 1
+                return count
+            last = int(entry.value or b"0") + count
             try:
-                await self._kv.update(key, str(seq).encode(), last=entry.revision)
+                await self._kv.update(key, str(last).encode(), last=entry.revision)
             except nats.js.errors.KeyWrongLastSequenceError:
                 continue
-            return format_run_id(prefix, day, seq)
+            return last
 
     # -- reading -------------------------------------------------------------------
     async def run_ids(self) -> list[str]:
