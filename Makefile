@@ -12,8 +12,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	@touch $(STAMP)
 
-up: $(STAMP)  ## run the whole system: embedded NATS server, topology, actors
-	$(BIN)/hms up
+up: $(STAMP)  ## run the whole system: embedded NATS server, topology, actors, demo
+	$(BIN)/hms up --demo
 
 test: lint  ## lint, type check, then the whole test suite against a real nats-server
 	$(BIN)/pytest
@@ -29,6 +29,8 @@ format: $(STAMP)
 
 bench: $(STAMP)  ## benchmarks; print their figures
 	$(BIN)/python bench/engine_bench.py
+	$(BIN)/python bench/worker_bench.py
+	$(BIN)/python bench/e2e_bench.py
 
 clean:
 	rm -rf $(VENV) .hms .mypy_cache .pytest_cache .ruff_cache

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 from pathlib import Path
 
 import anyio
@@ -80,15 +81,21 @@ def up(
     port: int = typer.Option(
         DEFAULT_PORT, "--port", "-p", min=0, max=65535, help="embedded server port"
     ),
+    demo: bool = typer.Option(
+        False, "--demo", help="also run demo workers and one request per example workflow"
+    ),
+    auto_clerk: bool = typer.Option(
+        False, "--auto-clerk", help="with --demo: a demo clerk answers human tasks"
+    ),
 ) -> None:
-    """Run the whole system: the embedded NATS server (unless HMS_NATS_URL is set),
-    the topology, and every actor, until Ctrl-C."""
+    """Run the whole system until Ctrl-C: the embedded NATS server (unless
+    HMS_NATS_URL is set), the topology, every actor, and with --demo the demo."""
     daemon_logging(ctx)
     settings = settings_of(ctx)
     factories = list(REGISTRY.values())
     if settings.nats.explicit:
         typer.echo(f"using NATS at {', '.join(settings.nats.urls)}")
-        run_async(_run_daemon, settings, factories, "hms-up")
+        run_async(_run_daemon, settings, factories, "hms-up", demo, auto_clerk)
         return
     with _embedded(settings, port, None).start() as srv:
         typer.echo(f"nats-server listening on {srv.url} (store {srv.store_dir})")
@@ -100,19 +107,29 @@ def up(
             daemon=settings.daemon,
             data_dir=settings.data_dir,
         )
-        run_async(_run_daemon, embedded, factories, "hms-up")
+        run_async(_run_daemon, embedded, factories, "hms-up", demo, auto_clerk)
 
 
-async def _run_daemon(settings: Settings, factories: list[ActorFactory], name: str) -> None:
+async def _run_daemon(
+    settings: Settings, factories: list[ActorFactory], name: str, demo: bool, auto_clerk: bool
+) -> None:
     daemon = Daemon(settings, factories, name=name)
 
-    async with anyio.create_task_group() as tg:
-        await tg.start(daemon.run)
-        names = ", ".join(REGISTRY) or "no actors yet"
+    def ready() -> None:
+        names = ", ".join(REGISTRY)
         port = daemon.metrics_port
         where = f"metrics on :{port}/metrics" if port else "metrics off"
         typer.echo(f"topology ready under root {settings.bus.root!r}; actors: {names}; {where}")
         typer.echo("hms is up; Ctrl-C stops it")
+
+    if demo:
+        from hms_bus.demo import demo_alongside
+
+        await demo_alongside(daemon, auto_clerk=auto_clerk, out=sys.stdout, ready=ready)
+        return
+    async with anyio.create_task_group() as tg:
+        await tg.start(daemon.run)
+        ready()
 
 
 @handle_errors

@@ -1,0 +1,477 @@
+"""End-to-end benchmark: runs through the real actors, as processes, on this machine.
+
+Starts its own nats-server (temp store, random port), the actors as processes
+(`hms actor run dispatcher`, `hms actor run router`: the SLA timer and the ledger do
+not exist yet, so they are not run) and one worker process (`hms worker run`, a no-op
+task function on one SVC lane), then measures:
+
+1. the raw limit first, with the same client library and nothing else running: a bare
+   JetStream work round trip (publish a task to a work-queue stream, a worker process
+   pulls it, publishes a result and acks, the producer consumes the result);
+2. throughput: N runs of a 1-step and of a 5-step workflow, all events published at
+   once, until every run is DONE: runs/s and steps/s;
+3. latency: event-to-DONE of a 1-step workflow at a fixed 200 runs/s for ~10 s
+   (from just before the event is published to the moment the runs-bucket watch
+   delivers the DONE state), p50 and p99;
+
+and prints a table with medians of `--reps` samples and the ratio of hms-bus steps/s
+to raw round trips/s. Targets: steps/s at least 25% of the raw round trip; p50
+event-to-DONE under 25 ms at 200 runs/s. Everything it started is stopped at the end.
+
+Usage: `python bench/e2e_bench.py [--reps 3] [--one 5000] [--five 2000]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+import nats
+from nats.aio.client import __version__ as nats_version
+from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StreamConfig
+
+from hms_bus.client import Client
+from hms_bus.connection import Bus, open_bus
+from hms_bus.health import live_heartbeats
+from hms_bus.messages import Event, Task
+from hms_bus.server import NatsServer
+from hms_bus.settings import BusSettings, NatsSettings
+from hms_bus.subjects import Lane
+from hms_bus.topology import ensure_topology
+from hms_bus.worker import TaskContext, lane, live_workers
+from hms_bus.workflow.loader import load_workflow_text
+
+ROOT = "bench"
+LANE = "SVC:bench"
+CONCURRENCY = 256
+REPO = Path(__file__).resolve().parents[1]
+HMS = Path(sys.executable).parent / "hms"
+STEPS_TARGET = 0.25  # hms-bus steps/s as a share of raw round trips/s
+P50_TARGET_MS = 25.0
+
+
+def _workflow(wid: str, prefix: str, event: str, steps: int) -> str:
+    body = "".join(f"  - id: s{i}\n    actor: {LANE}\n" for i in range(1, steps + 1))
+    return f"id: {wid}\nprefix: {prefix}\nstart: {event}\nsteps:\n{body}"
+
+
+ONE = _workflow("bench-one", "BON", "BenchOne", 1)
+FIVE = _workflow("bench-five", "BFV", "BenchFive", 5)
+
+
+@lane(LANE, concurrency=CONCURRENCY)
+async def noop(task: Task, ctx: TaskContext) -> dict[str, Any]:
+    """The benchmark's worker: answers at once (the cost measured is the system's)."""
+    return {"ok": True}
+
+
+# -- following runs to DONE ---------------------------------------------------------------
+class _Lite(msgspec.Struct):
+    """The two fields of a run state the benchmark reads (msgspec skips the rest)."""
+
+    key: str
+    status: str
+
+
+class Finish:
+    """Which expected runs reached a terminal status, and when (a runs-bucket watch)."""
+
+    def __init__(self) -> None:
+        self.started: dict[str, float] = {}  # idempotency key -> when its event went out
+        self.latencies: list[float] = []
+        self.failed = 0
+        self.last = 0.0
+        self.all_done = anyio.Event()
+        self._decoder = msgspec.json.Decoder(_Lite)
+
+    def expect(self, key: str, at: float) -> None:
+        if not self.started:
+            self.all_done = anyio.Event()
+        self.started[key] = at
+
+    async def follow(self, bus: Bus, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+        kv = await bus.js.key_value(bus.ns.runs_bucket)
+        watcher = await kv.watch("run.>")
+        task_status.started()
+        try:
+            async for entry in watcher:
+                if entry is None or not entry.value:
+                    continue
+                run = self._decoder.decode(entry.value)
+                if run.status not in ("DONE", "FAILED", "CANCELLED"):
+                    continue
+                began = self.started.pop(run.key, None)
+                if began is None:
+                    continue
+                now = time.perf_counter()
+                self.last = now
+                self.latencies.append(now - began)
+                self.failed += run.status != "DONE"
+                if not self.started:
+                    self.all_done.set()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await watcher.stop()  # type: ignore[no-untyped-call]
+
+
+async def _publish(bus: Bus, finish: Finish, event: str, workflow: str, ids: Sequence[str]) -> None:
+    now = time.perf_counter()
+    for eid in ids:
+        finish.expect(f"event/{eid}/{workflow}", now)
+    for i in range(0, len(ids), 1000):
+        chunk = ids[i : i + 1000]
+        await bus.publish_all((bus.ns.event(event), Event(id=eid, name=event)) for eid in chunk)
+
+
+async def throughput(
+    bus: Bus, finish: Finish, event: str, workflow: str, n: int, tag: str, limit: float
+) -> float:
+    """Seconds from the first event published to the last of `n` runs DONE."""
+    ids = [f"{tag}-{i}" for i in range(n)]
+    finish.latencies.clear()
+    start = time.perf_counter()
+    await _publish(bus, finish, event, workflow, ids)
+    with anyio.fail_after(limit):
+        await finish.all_done.wait()
+    if finish.failed:
+        raise SystemExit(f"{finish.failed} runs did not end DONE")
+    return finish.last - start
+
+
+async def latency(
+    bus: Bus, finish: Finish, rate: float, seconds: float, tag: str, limit: float
+) -> list[float]:
+    """Event-to-DONE seconds of each run, published one by one at `rate` per second;
+    `limit` bounds the wait for the last of them."""
+    n = int(rate * seconds)
+    finish.latencies.clear()
+    t0 = time.perf_counter()
+    for i in range(n):
+        due = t0 + i / rate
+        if (wait := due - time.perf_counter()) > 0:
+            await anyio.sleep(wait)
+        eid = f"{tag}-{i}"
+        finish.expect(f"event/{eid}/bench-one", time.perf_counter())
+        await bus.publish(bus.ns.event("BenchOne"), Event(id=eid, name="BenchOne"))
+    achieved = n / (time.perf_counter() - t0)
+    with anyio.fail_after(limit):
+        await finish.all_done.wait()
+    print(f"  latency window: {n} runs at {achieved:.0f} runs/s achieved")
+    return list(finish.latencies)
+
+
+# -- the raw limit ------------------------------------------------------------------------
+async def raw_worker(url: str, stream: str) -> None:
+    """The raw round trip's worker (a process of its own): pull, publish result, ack."""
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    sub = await js.pull_subscribe_bind(durable="worker", stream=f"{stream}_TASKS")
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    print("ready", flush=True)
+    while not stop.is_set():
+        try:
+            msgs = await sub.fetch(CONCURRENCY, timeout=1)
+        except (nats.errors.TimeoutError, TimeoutError):
+            continue
+        acks = [await js.publish_async(f"{stream}.result", m.data) for m in msgs]
+        await asyncio.gather(*acks)
+        for m in msgs:
+            await m.ack()
+    await nc.drain()
+
+
+async def raw_round_trip(url: str, n: int, rep: int, logs: Path) -> float:
+    """Round trips per second for `n` tasks, a worker process in the middle."""
+    stream = f"RAW{rep}"
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    for kind, retention in (
+        ("TASKS", RetentionPolicy.WORK_QUEUE),
+        ("RESULTS", RetentionPolicy.LIMITS),
+    ):
+        subject = f"{stream}.{'task' if kind == 'TASKS' else 'result'}"
+        await js.add_stream(
+            StreamConfig(name=f"{stream}_{kind}", subjects=[subject], retention=retention)
+        )
+
+    def pull(durable: str) -> ConsumerConfig:
+        return ConsumerConfig(
+            durable_name=durable, ack_policy=AckPolicy.EXPLICIT, max_ack_pending=100_000
+        )
+
+    await js.add_consumer(f"{stream}_TASKS", pull("worker"))
+    results = await js.pull_subscribe(
+        f"{stream}.result", durable="producer", stream=f"{stream}_RESULTS", config=pull("producer")
+    )
+    worker = _spawn(
+        [sys.executable, __file__, "--raw-worker", url, stream], logs / f"raw-{rep}.log", ready=True
+    )
+    try:
+        got = 0
+        start = time.perf_counter()
+
+        async def produce() -> None:
+            for i in range(0, n, 1000):
+                acks = [
+                    await js.publish_async(f"{stream}.task", b"x" * 128)
+                    for _ in range(min(1000, n - i))
+                ]
+                await asyncio.gather(*acks)
+
+        producer = asyncio.ensure_future(produce())
+        while got < n:
+            try:
+                msgs = await results.fetch(1000, timeout=5)
+            except (nats.errors.TimeoutError, TimeoutError):
+                raise SystemExit(f"raw round trip stalled at {got}/{n}") from None
+            for m in msgs:
+                await m.ack()
+            got += len(msgs)
+        elapsed = time.perf_counter() - start
+        await producer
+    finally:
+        _stop(worker)
+        # Not drain(): the results consumer's lingering pull would hold it to its timeout.
+        await nc.flush()
+        await nc.close()
+    return n / elapsed
+
+
+# -- processes -----------------------------------------------------------------------------
+#: Where each spawned process writes its output, by pid (shown when one fails).
+_LOGS: dict[int, Path] = {}
+
+
+def _spawn(
+    cmd: list[str], log: Path, *, env: dict[str, str] | None = None, ready: bool = False
+) -> subprocess.Popen[bytes]:
+    out = log.open("ab")
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE if ready else out,
+        stderr=out,
+        start_new_session=True,
+    )
+    out.close()
+    _LOGS[proc.pid] = log
+    if ready:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if b"ready" not in line:
+            _stop(proc)
+            raise SystemExit(f"{cmd[1:]} did not start (log {log})")
+    return proc
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def _until_ready(
+    bus: Bus, actors: Sequence[subprocess.Popen[bytes]], worker: subprocess.Popen[bytes]
+) -> None:
+    health = await bus.js.key_value(bus.ns.health_bucket)
+    workers = await bus.js.key_value(bus.ns.workers_bucket)
+    with anyio.fail_after(30):
+        while True:
+            beating = {b.pid for b in await live_heartbeats(health)}
+            serving = {w.pid for w in await live_workers(workers, Lane.parse(LANE))}
+            if {p.pid for p in actors} <= beating and worker.pid in serving:
+                return
+            for p in [*actors, worker]:
+                if p.poll() is not None:
+                    tail = _LOGS[p.pid].read_text(errors="replace")[-2000:]
+                    raise SystemExit(f"process {p.args!r} exited with {p.returncode}:\n{tail}")
+            await anyio.sleep(0.1)
+
+
+# -- main ------------------------------------------------------------------------------------
+def _median(xs: Sequence[float]) -> float:
+    return statistics.median(xs)
+
+
+def _percentiles(seconds: Sequence[float]) -> tuple[float, float]:
+    """p50 and p99 in milliseconds."""
+    ms = sorted(x * 1000 for x in seconds)
+    return statistics.median(ms), ms[min(len(ms) - 1, int(len(ms) * 0.99))]
+
+
+async def samples(
+    measure: Callable[[int], Awaitable[float]], reps: int, budget: float, what: str
+) -> list[float]:
+    """Up to `reps` samples; fewer when the next would take the total past `budget` s."""
+    out: list[float] = []
+    start = time.perf_counter()
+    for r in range(reps):
+        out.append(await measure(r))
+        spent = time.perf_counter() - start
+        if r + 1 < reps and spent / (r + 1) * (r + 2) > budget:
+            print(f"  {what}: {r + 1} sample(s): another would pass the {budget:g} s budget")
+            break
+    return out
+
+
+async def bench(args: argparse.Namespace, server: NatsServer, logs: Path) -> None:
+    url = server.url
+    print(
+        f"nats-server {server.url}; {os.cpu_count()} cores; Python {platform.python_version()}; "
+        f"nats-py {nats_version}; load average {os.getloadavg()[0]:.2f} at start"
+    )
+    raw = [await raw_round_trip(url, args.raw, rep, logs) for rep in range(args.reps)]
+    print(f"  raw round trips/s: {', '.join(f'{r:,.0f}' for r in raw)}")
+
+    env = {**os.environ, "HMS_NATS_URL": url, "HMS_ROOT": ROOT, "HMS_METRICS_PORT": "-1"}
+    async with open_bus(NatsSettings(urls=(url,)), BusSettings(root=ROOT), "bench") as bus:
+        await ensure_topology(bus.js, bus.settings)
+        client = Client(bus)
+        for text in (ONE, FIVE):
+            await client.apply_workflow(load_workflow_text(text))
+        actors = [
+            _spawn([str(HMS), "actor", "run", a, "--no-ensure"], logs / f"{a}.log", env=env)
+            for a in ("dispatcher", "router")
+        ]
+        worker = _spawn(
+            [str(HMS), "worker", "run", "bench.e2e_bench:noop", "--no-ensure"],
+            logs / "worker.log",
+            env=env,
+        )
+        try:
+            await _until_ready(bus, actors, worker)
+            print(
+                "  actors as processes: dispatcher, router (sla-timer and ledger are not "
+                f"implemented yet); 1 worker process, {LANE} concurrency {CONCURRENCY}"
+            )
+            finish = Finish()
+            async with anyio.create_task_group() as tg:
+                await tg.start(finish.follow, bus)
+                await throughput(bus, finish, "BenchOne", "bench-one", 300, "warm", 120)
+
+                async def one_sample(r: int) -> float:
+                    return await throughput(
+                        bus, finish, "BenchOne", "bench-one", args.one, f"one{r}", 600
+                    )
+
+                async def five_sample(r: int) -> float:
+                    return await throughput(
+                        bus, finish, "BenchFive", "bench-five", args.five, f"five{r}", 600
+                    )
+
+                one = await samples(one_sample, args.reps, args.budget, "1-step")
+                print(f"  1-step seconds for {args.one}: {', '.join(f'{s:.2f}' for s in one)}")
+                five = await samples(five_sample, args.reps, args.budget, "5-step")
+                print(f"  5-step seconds for {args.five}: {', '.join(f'{s:.2f}' for s in five)}")
+                # At a tenth of the rate first: the cost of one run when nothing queues.
+                light = await latency(bus, finish, args.rate / 10, args.seconds / 2, "light", 60)
+                drain = args.rate * args.seconds / (args.one / _median(one))
+                lat = await latency(bus, finish, args.rate, args.seconds, "lat", 30 + 2 * drain)
+                tg.cancel_scope.cancel()
+        finally:
+            for proc in [worker, *actors]:
+                _stop(proc)
+    report(args, raw, one, five, lat, light)
+
+
+def report(
+    args: argparse.Namespace,
+    raw: list[float],
+    one: list[float],
+    five: list[float],
+    lat: list[float],
+    light: list[float],
+) -> None:
+    raw_rate = _median(raw)
+    one_runs = args.one / _median(one)
+    five_runs = args.five / _median(five)
+    p50, p99 = _percentiles(lat)
+    light_p50, light_p99 = _percentiles(light)
+    rows = [
+        (
+            f"raw JetStream round trip, N={args.raw}",
+            f"{raw_rate:,.0f} round trips/s",
+            f"median of {len(raw)}",
+        ),
+        (
+            f"1-step workflow, N={args.one}",
+            f"{one_runs:,.0f} runs/s = {one_runs:,.0f} steps/s",
+            f"median of {len(one)}; {one_runs / raw_rate:.1%} of raw",
+        ),
+        (
+            f"5-step workflow, N={args.five}",
+            f"{five_runs:,.0f} runs/s = {five_runs * 5:,.0f} steps/s",
+            f"median of {len(five)}; {five_runs * 5 / raw_rate:.1%} of raw",
+        ),
+        (
+            f"event-to-DONE, 1-step @ {args.rate:.0f} runs/s",
+            f"p50 {p50:.1f} ms, p99 {p99:.1f} ms",
+            f"{len(lat)} runs in one {args.seconds:g} s window",
+        ),
+        (
+            f"event-to-DONE, 1-step @ {args.rate / 10:g} runs/s",
+            f"p50 {light_p50:.1f} ms, p99 {light_p99:.1f} ms",
+            f"{len(light)} runs: light load, for reference",
+        ),
+    ]
+    width = max(len(r[0]) for r in rows)
+    value = max(len(r[1]) for r in rows)
+    print(f"\nhms-bus end to end (load average {os.getloadavg()[0]:.2f} at the end)")
+    for name, val, note in rows:
+        print(f"  {name:<{width}}  {val:<{value}}  {note}")
+    best = max(one_runs, five_runs * 5) / raw_rate
+    print(
+        f"\n  target steps/s >= {STEPS_TARGET:.0%} of raw: {best:.1%} "
+        f"({'met' if best >= STEPS_TARGET else 'NOT met'}; best of the two workflows)"
+    )
+    print(
+        f"  target p50 < {P50_TARGET_MS:g} ms at {args.rate:.0f} runs/s: {p50:.1f} ms "
+        f"({'met' if p50 < P50_TARGET_MS else 'NOT met'})"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--one", type=int, default=5000, help="runs of the 1-step workflow")
+    parser.add_argument("--five", type=int, default=2000, help="runs of the 5-step workflow")
+    parser.add_argument("--raw", type=int, default=20000, help="raw round trips per sample")
+    parser.add_argument("--rate", type=float, default=200.0)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--budget", type=float, default=90.0, help="seconds of samples per throughput measure"
+    )
+    parser.add_argument("--raw-worker", nargs=2, metavar=("URL", "STREAM"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.raw_worker:
+        asyncio.run(raw_worker(*args.raw_worker))
+        return
+    with tempfile.TemporaryDirectory(prefix="hms-e2e-bench-") as tmp:
+        logs = Path(tmp) / "logs"
+        logs.mkdir()
+        with NatsServer(Path(tmp) / "nats") as server:
+            anyio.run(bench, args, server, logs)
+
+
+if __name__ == "__main__":
+    main()
