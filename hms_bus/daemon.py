@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import socket
 from collections.abc import Callable, Sequence
@@ -69,7 +70,10 @@ class Daemon:
         self._ensure = ensure
         self._actors: list[Actor] = []
         self._stop = anyio.Event()
-        self.instance = f"{socket.gethostname()}-{os.getpid()}"
+        self._ready = False
+        # A token for heartbeat keys: host names may hold dots, which would add levels.
+        host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())
+        self.instance = f"{host}-{os.getpid()}"
         self.metrics_port: int | None = None
 
     def stop(self) -> None:
@@ -77,6 +81,21 @@ class Daemon:
         self._stop.set()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        # Signals are watched from the first moment: a SIGTERM while connecting or
+        # binding consumers stops the daemon cleanly instead of killing it (exit 143).
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._watch_signals)
+            tg.start_soon(self._abandon_startup_on_stop, tg.cancel_scope)
+            await self._run(task_status)
+            tg.cancel_scope.cancel()
+
+    async def _abandon_startup_on_stop(self, scope: anyio.CancelScope) -> None:
+        await self._stop.wait()
+        if not self._ready:  # nothing is in flight yet: no grace period to honour
+            log.info("%s stopped while starting", self.name)
+            scope.cancel()
+
+    async def _run(self, task_status: TaskStatus[None]) -> None:
         s = self.settings
         server = serve_metrics(self.metrics, s.daemon.metrics_port)
         self.metrics_port = server.server_port if server else None
@@ -106,7 +125,7 @@ class Daemon:
 
             await tg.start(run_actors)
             tg.start_soon(self._beat, bus)
-            tg.start_soon(self._watch_signals)
+            self._ready = True
             log.info(
                 "%s ready: %s", self.name, ", ".join(a.name for a in self._actors) or "no actors"
             )
@@ -129,6 +148,7 @@ class Daemon:
 
     async def _watch_signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            log.info("%s starting (pid %d)", self.name, os.getpid())
             async for signum in signals:
                 log.info(
                     "received %s: stopping intake, finishing in-flight work",

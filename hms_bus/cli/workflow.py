@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from hms_bus.cli.common import handle_errors
+from hms_bus.cli.common import fail_usage, handle_errors
 
 __all__ = ["app"]
 
@@ -39,7 +39,7 @@ def simulate(
     """Run one workflow in virtual time, with no server, as the script says; print
     the timeline. Exit 1 when the script's `expect:` block is not met."""
     from hms_bus.workflow.loader import WorkflowError, load_workflow
-    from hms_bus.workflow.simulate import load_script
+    from hms_bus.workflow.simulate import ScriptError, load_script
     from hms_bus.workflow.simulate import simulate as run_simulation
 
     try:
@@ -48,7 +48,11 @@ def simulate(
         for problem in exc.problems:
             typer.echo(str(problem), err=True)
         raise typer.Exit(2) from None
-    result = run_simulation(definition, load_script(script))
+    try:
+        loaded = load_script(script)
+    except ScriptError as exc:
+        raise fail_usage(str(exc)) from None
+    result = run_simulation(definition, loaded)
     typer.echo(result.render())
     if not result.ok:
         raise typer.Exit(1)

@@ -1,7 +1,8 @@
 """One demo event per example workflow: what a portal would publish, and how the
 run it starts is expected to end.
 
-Each `DemoEvent` follows the example's main simulation script (named in `script`):
+Each `DemoEvent` follows the example's main simulation script (`script`, in
+`examples/scripts/`):
 the payload drives the simulated workers (`hms_bus.demo.workers`) and the
 auto-clerk (`hms_bus.demo.clerk`) down the same path, so `expect` and `steps` are
 what `hms workflow simulate` shows for that script. `replies` are the citizen's

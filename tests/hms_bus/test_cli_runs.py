@@ -35,7 +35,7 @@ from tests.helpers import eventually
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
-WORKFLOWS = sorted(p for p in EXAMPLES.glob("*.yaml") if not p.name.endswith(".script.yaml"))
+WORKFLOWS = sorted(EXAMPLES.glob("*.yaml"))
 COMPLAINT = '{"complaintId": "C-7", "text": "Spam calls"}'
 
 

@@ -118,3 +118,27 @@ async def test_work_past_the_grace_period_is_cancelled_and_left_for_redelivery(
 
     assert await anyio.to_thread.run_sync(daemon_process.wait, 15) == 0
     assert await _pending(nc, ns) == (0, 1)  # not acked: it will be redelivered
+
+
+def test_sigterm_while_still_connecting_exits_zero_at_once() -> None:
+    unreachable = "nats://127.0.0.1:1"  # the daemon waits up to 30 s for a server
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.hms_bus.daemon_app", unreachable, "tstartup", "10"],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # bounded by the test timeout
+            if "slow starting" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()

@@ -19,8 +19,7 @@ from hms_bus.workflow.model import (
 )
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
-# Simulation scripts (`*.script.yaml`, the engine's) live next to the workflows.
-YAML_FILES = sorted(p for p in EXAMPLES.glob("*.yaml") if not p.name.endswith(".script.yaml"))
+YAML_FILES = sorted(EXAMPLES.glob("*.yaml"))
 SCENARIOS = [
     "fcc-robocall",
     "vaccine-card",

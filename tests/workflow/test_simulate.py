@@ -1,7 +1,7 @@
 """Every example's scripts simulate to their expectations; the simulator itself.
 
 The scripts in `examples/` are how the examples are tested: each names its workflow
-(`<example>.<scenario>.script.yaml`) and carries an `expect:` block.
+(`examples/scripts/<example>.<scenario>.script.yaml`) and carries an `expect:` block.
 """
 
 from __future__ import annotations
@@ -18,13 +18,11 @@ from hms_bus.workflow.simulate import load_script, simulate
 from tests.workflow.engine_driver import workflow
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-SCRIPTS = sorted(EXAMPLES.glob("*.script.yaml"))
+SCRIPTS = sorted((EXAMPLES / "scripts").glob("*.script.yaml"))
 
 
 def test_every_example_has_scripts_with_expectations() -> None:
-    examples = {p.name.removesuffix(".yaml") for p in EXAMPLES.glob("*.yaml")} - {
-        p.name.removesuffix(".yaml") for p in SCRIPTS
-    }
+    examples = {p.name.removesuffix(".yaml") for p in EXAMPLES.glob("*.yaml")}
     scripted = {p.name.split(".")[0] for p in SCRIPTS}
     assert examples <= scripted
     assert all(load_script(p).expect is not None for p in SCRIPTS)
@@ -42,7 +40,7 @@ def test_example_script_simulates_to_its_expectation(path: Path) -> None:
 
 def test_ftc_review_breach_escalates_to_the_supervisor_at_four_hours() -> None:
     wf = load_workflow(EXAMPLES / "ftc-complaint.yaml")
-    result = simulate(wf, load_script(EXAMPLES / "ftc-complaint.sla-breach.script.yaml"))
+    result = simulate(wf, load_script(EXAMPLES / "scripts" / "ftc-complaint.sla-breach.script.yaml"))
     assert "[+04:01:00] human_review SLA breached (4h) -> escalate escalate" in result.timeline
     supervisor = [t for t in result.final.tasks.values() if t.step == "escalate"]
     assert [t.actor for t in supervisor] == ["HUMAN:supervisor"]
