@@ -14,7 +14,7 @@ import nats
 import pytest
 
 from hms_bus.server import NatsServer
-from tests.helpers import free_port
+from tests.helpers import eventually, free_port
 
 HMS = str(Path(sys.executable).with_name("hms"))
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -42,13 +42,31 @@ def test_check_reports_a_missing_topology(nats_url: str) -> None:
     assert "topology under root 'nothing_here' is incomplete" in result.stderr
 
 
-def test_check_passes_once_topology_and_heartbeats_are_there(nats_url: str) -> None:
+async def test_check_passes_once_topology_and_heartbeats_are_there(nats_url: str) -> None:
     root = f"c{os.getpid()}"
-    assert hms("--url", nats_url, "--root", root, "topology", "ensure").returncode == 0
+    base = ["--url", nats_url, "--root", root]
+    assert hms(*base, "topology", "ensure").returncode == 0
+    missing = hms(*base, "check", "--actor", "dispatcher")
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == "hms check: actor 'dispatcher' has no live heartbeat"
 
-    result = hms("--url", nats_url, "--root", root, "check", "--actor", "dispatcher")
-    assert result.returncode == 1
-    assert result.stderr.strip() == "hms check: actor 'dispatcher' has no live heartbeat"
+    actor = subprocess.Popen(  # noqa: ASYNC220 - nothing else runs on this test's loop
+        [HMS, *base, "--metrics-port", "-1", "actor", "run", "dispatcher"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        ok = await eventually(
+            lambda: hms(*base, "check", "--actor", "dispatcher").returncode == 0,
+            timeout=30,
+            interval=0.2,
+            what="hms check passing with a live dispatcher",
+        )
+    finally:
+        actor.send_signal(signal.SIGTERM)
+        assert actor.wait(timeout=20) == 0
+
+    assert ok
 
 
 @pytest.mark.parametrize(
