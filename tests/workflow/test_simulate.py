@@ -40,7 +40,9 @@ def test_example_script_simulates_to_its_expectation(path: Path) -> None:
 
 def test_ftc_review_breach_escalates_to_the_supervisor_at_four_hours() -> None:
     wf = load_workflow(EXAMPLES / "ftc-complaint.yaml")
-    result = simulate(wf, load_script(EXAMPLES / "scripts" / "ftc-complaint.sla-breach.script.yaml"))
+    result = simulate(
+        wf, load_script(EXAMPLES / "scripts" / "ftc-complaint.sla-breach.script.yaml")
+    )
     assert "[+04:01:00] human_review SLA breached (4h) -> escalate escalate" in result.timeline
     supervisor = [t for t in result.final.tasks.values() if t.step == "escalate"]
     assert [t.actor for t in supervisor] == ["HUMAN:supervisor"]
