@@ -8,13 +8,14 @@ names; never run ids.
 
 from __future__ import annotations
 
+import errno
 import logging
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-__all__ = ["OUTCOMES", "Metrics", "serve_metrics"]
+__all__ = ["OUTCOMES", "PREFERRED_PORT", "Metrics", "serve_metrics"]
 
 log = logging.getLogger(__name__)
 
@@ -93,12 +94,26 @@ class Metrics:
         )
 
 
-def serve_metrics(metrics: Metrics, port: int, addr: str = "0.0.0.0") -> WSGIServer | None:
+#: The port a daemon prefers when none is configured (Prometheus' exporter range).
+PREFERRED_PORT = 9464
+
+
+def serve_metrics(
+    metrics: Metrics, port: int | None, addr: str = "0.0.0.0"
+) -> WSGIServer | None:
     """Serve `/metrics` (all interfaces by default: Prometheus scrapes from another
-    host). `port` 0 picks a free port (tests, several daemons on one host); -1: off.
-    The caller shuts the returned server down."""
-    if port < 0:
+    host). `port` None: 9464 if free, else any free port; 0: any free port; -1: off.
+    A configured port that is taken raises `OSError`. The caller shuts it down."""
+    if port is not None and port < 0:
         return None
-    server, _thread = start_http_server(port, addr=addr, registry=metrics.registry)
+    try:
+        server, _thread = start_http_server(
+            PREFERRED_PORT if port is None else port, addr=addr, registry=metrics.registry
+        )
+    except OSError as exc:
+        if port is not None or exc.errno != errno.EADDRINUSE:
+            raise
+        server, _thread = start_http_server(0, addr=addr, registry=metrics.registry)
+        log.info("metrics port %d is taken; using %d", PREFERRED_PORT, server.server_port)
     log.info("metrics on %s:%d/metrics", addr, server.server_port)
     return server

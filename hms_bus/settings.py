@@ -15,7 +15,7 @@ the CLI turns it into one line and exit code 2.
 | HMS_ROOT | bus.root | hms |
 | HMS_REPLICAS | bus.replicas (1, 3 or 5) | 1 |
 | HMS_MAX_PAYLOAD | bus.max_payload (bytes) | 1048576 |
-| HMS_METRICS_PORT | daemon.metrics_port (0: any free port, -1: off) | 9464 |
+| HMS_METRICS_PORT | daemon.metrics_port (0: any free port, -1: off) | 9464, else any free port |
 | HMS_GRACE | daemon.grace_seconds | 10 |
 | HMS_DATA_DIR | data_dir (embedded server store) | .hms |
 """
@@ -75,7 +75,9 @@ class BusSettings(msgspec.Struct, frozen=True, kw_only=True):
 class DaemonSettings(msgspec.Struct, frozen=True, kw_only=True):
     """How a long-lived process behaves: metrics, shutdown, heartbeats."""
 
-    metrics_port: int = 9464
+    #: None: 9464 when free, else any free port (so a worker can run beside `hms up`
+    #: on a laptop); a configured port is used or the daemon refuses to start.
+    metrics_port: int | None = None
     grace_seconds: float = 10.0
     heartbeat_seconds: float = 5.0
 
