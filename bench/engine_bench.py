@@ -4,13 +4,22 @@ Each input costs what it costs the dispatcher per message: `advance` (or
 `start_run`), then a JSON encode of the new run state (the KV write) and a decode
 (the next load). The workload is a 10-step run: ten task steps with SLAs (so every
 step arms and disarms timers), a run SLA, a first response and a completion per step,
-and one failure with its retry timer: 23 inputs from start to DONE.
+and one failure with its retry timer: 23 inputs after the start, 24 in all.
 
 Runs on one core (the engine is single-threaded Python), measured in CPU time of
 this process, so that other work on the machine does not count against it; bounded
 in count and time; prints the median of several samples, and a calibration: the
 time of a fixed pure-Python loop, which tells how fast this machine's core is (a
 current laptop core runs it in about 10 us). Usage: `python bench/engine_bench.py`.
+
+Then the parts, by difference: the same runs without the decode (each input gets
+the state `advance` returned), then without the encode too; "decode" includes
+freeing the state it replaces. And the floor: encode and decode alone of the same
+run's states, with no engine work at all, which bounds what any engine could reach
+with this run-state shape on this core. The real loop takes longer than the floor
+plus `advance` alone, though it runs no more instructions (valgrind counts them
+equal): presumably memory effects, as each input there works on some 200 freshly
+decoded objects and frees as many; the by-difference figures count that as decode.
 """
 
 from __future__ import annotations
@@ -18,7 +27,9 @@ from __future__ import annotations
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import msgspec
 
@@ -38,6 +49,7 @@ from hms_bus.workflow.state import RunState
 TARGET = 20_000  # inputs per second, on one core
 SAMPLES = 7
 RUNS_PER_SAMPLE = 300
+PART_RUNS_PER_SAMPLE = 100
 MAX_SAMPLE_SECONDS = 5.0
 
 T0 = datetime(2026, 11, 20, 14, 0, tzinfo=UTC)
@@ -106,20 +118,54 @@ def script() -> list[tuple[datetime, Input]]:
 
 
 def one_run(inputs: list[tuple[datetime, Input]]) -> int:
+    """One run as the dispatcher applies it: every input loads the state (decode),
+    applies the input (advance) and stores the new state (encode)."""
     run = decoder.decode(encoder.encode(start_run(WORKFLOW, START, RUN, T0).run))
     for now, message in inputs:
         run = decoder.decode(encoder.encode(advance(WORKFLOW, run, message, now).run))
     return len(inputs) + 1
 
 
-def sample(inputs: list[tuple[datetime, Input]]) -> float:
+def one_run_no_decode(inputs: list[tuple[datetime, Input]]) -> int:
+    """`one_run` without the decode: the next input gets the state `advance` returned."""
+    run = start_run(WORKFLOW, START, RUN, T0).run
+    encoder.encode(run)
+    for now, message in inputs:
+        run = advance(WORKFLOW, run, message, now).run
+        encoder.encode(run)
+    return len(inputs) + 1
+
+
+def one_run_advance(inputs: list[tuple[datetime, Input]]) -> int:
+    """`one_run` with neither encode nor decode."""
+    run = start_run(WORKFLOW, START, RUN, T0).run
+    for now, message in inputs:
+        run = advance(WORKFLOW, run, message, now).run
+    return len(inputs) + 1
+
+
+def codec_only(states: list[RunState]) -> int:
+    """The store and load of each state of a run, without applying anything."""
+    for state in states:
+        decoder.decode(encoder.encode(state))
+    return len(states)
+
+
+def sample(body: Callable[[Any], int], arg: Any, runs: int = RUNS_PER_SAMPLE) -> float:
+    """Inputs per second of CPU time, over up to `runs` runs."""
     count = 0
     began = time.process_time()
-    for _ in range(RUNS_PER_SAMPLE):
-        count += one_run(inputs)
+    for _ in range(runs):
+        count += body(arg)
         if time.process_time() - began > MAX_SAMPLE_SECONDS:
             break
     return count / (time.process_time() - began)
+
+
+def median_us(body: Callable[[Any], int], arg: Any) -> float:
+    """Median CPU microseconds per input of `body`, over `SAMPLES` shorter samples."""
+    rates = [sample(body, arg, PART_RUNS_PER_SAMPLE) for _ in range(SAMPLES)]
+    return 1e6 / statistics.median(rates)
 
 
 def calibration() -> float:
@@ -137,15 +183,30 @@ def calibration() -> float:
 def main() -> int:
     inputs = script()
     one_run(inputs)  # warm caches (compiled expressions, plans)
-    rates = sorted(sample(inputs) for _ in range(SAMPLES))
+    rates = sorted(sample(one_run, inputs) for _ in range(SAMPLES))
     median = statistics.median(rates)
-    size = len(
-        encoder.encode(decoder.decode(encoder.encode(start_run(WORKFLOW, START, RUN, T0).run)))
-    )
+    states = [start_run(WORKFLOW, START, RUN, T0).run]
+    for now, message in inputs:
+        states.append(advance(WORKFLOW, states[-1], message, now).run)
+    sizes = [len(encoder.encode(state)) for state in states]
     print(
         f"engine: {median:,.0f} inputs/s (median of {SAMPLES}; min {rates[0]:,.0f}, "
         f"max {rates[-1]:,.0f}); advance + JSON encode + decode of the run state, "
-        f"10-step run, {len(inputs) + 1} inputs per run, initial state {size} bytes"
+        f"10-step run, {len(inputs) + 1} inputs per run, state {sizes[0]:,} to "
+        f"{max(sizes):,} bytes (mean {statistics.mean(sizes):,.0f})"
+    )
+    total = 1e6 / median
+    no_decode = median_us(one_run_no_decode, inputs)
+    advance_only = median_us(one_run_advance, inputs)
+    floor = median_us(codec_only, states)
+    print(
+        f"per input: {total:.1f} us = advance {advance_only:.1f} + encode "
+        f"{no_decode - advance_only:.1f} + decode {total - no_decode:.1f} "
+        f"(CPU time, medians, by difference)"
+    )
+    print(
+        f"floor: encode + decode alone of this run's states take {floor:.1f} us per "
+        f"input: at most {1e6 / floor:,.0f} inputs/s with a free engine"
     )
     print(f"calibration: sum(range(1000)) takes {calibration():.1f} us of CPU on this core")
     ok = median >= TARGET

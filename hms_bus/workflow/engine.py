@@ -246,8 +246,14 @@ def _commit(tx: Txn, retention: timedelta) -> Transition:
     entry = OutboxEntry(
         input=tx.input_id, at=now, effects=msgspec.Raw(_effects_encoder.encode(effects))
     )
+    # Entries are in the order applied, and their times never run back (`advance`
+    # clamps `now`), so the expired ones are a prefix.
+    outbox = run.outbox
     cutoff = now - retention
-    kept = [e for e in run.outbox[-(OUTBOX_LIMIT - 1) :] if e.at >= cutoff]
+    first = max(0, len(outbox) - (OUTBOX_LIMIT - 1))
+    while first < len(outbox) and outbox[first].at < cutoff:
+        first += 1
+    kept = outbox[first:]
     kept.append(entry)
     run.outbox = kept
     return Transition(run, effects)

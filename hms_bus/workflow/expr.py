@@ -51,6 +51,11 @@ def truthy(value: Any) -> bool:
     """JSON truthiness: null, false, 0, "", [] and {} are false; everything else true."""
     if value is None or value is False:
         return False
+    if value is True:
+        return True
+    kind = type(value)
+    if kind is str or kind is int or kind is float or kind is dict or kind is list:
+        return bool(value)  # what JSON decodes to: no abstract-class check needed
     if isinstance(value, int | float | str | Sequence | Mapping):
         return bool(value)
     return True
@@ -131,9 +136,12 @@ def _value_of(node: Node, scope: Mapping[str, Any]) -> Any:
     if isinstance(node, Path):
         value = scope.get(node.root)
         for segment in node.segments:
-            if value is None:
+            if type(value) is dict and type(segment) is str:
+                value = value.get(segment)  # JSON objects: the common case, inline
+            elif value is None:
                 return None
-            value = _walk(value, segment)
+            else:
+                value = _walk(value, segment)
         return value
     if isinstance(node, Lit):
         return node.value

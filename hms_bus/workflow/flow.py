@@ -64,10 +64,9 @@ def activate(tx: Txn, sid: str, *, by_needs: bool = False) -> None:
         return
     st = StepState(status="READY", ready_at=tx.now)
     tx.put_step(sid, st)
-    scope = tx.scope()
     if step.when is not None:
         try:
-            go = compile_expr(step.when).test(scope)
+            go = compile_expr(step.when).test(tx.scope())
         except ExprError as exc:
             fail_step(tx, sid, f"when: {exc}")
             return
@@ -80,13 +79,13 @@ def activate(tx: Txn, sid: str, *, by_needs: bool = False) -> None:
         _start(tx, sid)
     elif kind == "switch":
         assert isinstance(step, SwitchStep)
-        _switch(tx, sid, step, scope)
+        _switch(tx, sid, step, tx.scope())
     elif kind == "wait":
         assert isinstance(step, WaitStep)
         _wait(tx, sid, step)
     else:
         assert isinstance(step, FanoutStep)
-        _fanout(tx, sid, step, scope)
+        _fanout(tx, sid, step, tx.scope())
 
 
 def _start(tx: Txn, sid: str, data: dict[str, Any] | None = None) -> None:

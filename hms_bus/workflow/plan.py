@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hms_bus.workflow.expr import ExprError, compile_expr
+from hms_bus.workflow.expr import Expr, ExprError, compile_expr
 from hms_bus.workflow.model import (
     END,
     Action,
@@ -62,6 +62,9 @@ class StepPlan:
     kind: str
     #: paths in this step's result that the ledger gets as hashes (`sensitive`)
     sensitive: tuple[tuple[str, ...], ...]
+    #: a task's or fan-out's `input` mapping, compiled; None when it has none, or when
+    #: an expression does not compile (the engine then reports it as it evaluates)
+    inputs: tuple[tuple[str, Expr], ...] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +153,17 @@ def _step_plan(wf: Workflow, index: int, step: Step, dependents: tuple[str, ...]
         sensitive=tuple(
             tuple(p.split(".")[2:]) for p in wf.sensitive if p.startswith(f"results.{step.id}.")
         ),
+        inputs=_inputs(step),
     )
+
+
+def _inputs(step: Step) -> tuple[tuple[str, Expr], ...] | None:
+    if not isinstance(step, TaskStep | FanoutStep) or step.input is None:
+        return None
+    try:
+        return tuple((name, compile_expr(source)) for name, source in step.input.items())
+    except ExprError:
+        return None
 
 
 def _build(wf: Workflow) -> Plan:

@@ -39,6 +39,8 @@ __all__ = [
 ]
 
 _NO_RETRY = Retry()
+#: A tuple, not `TaskStep | FanoutStep`: on Python 3.11 that builds a union per call.
+_WORKER_STEP = (TaskStep, FanoutStep)
 _RANK: dict[str, int] = {"IN_PROGRESS": 4, "DISPATCHED": 3, "RETRYING": 2, "READY": 1}
 
 
@@ -67,7 +69,7 @@ def step_actor(tx: Txn, sid: str) -> str:
         return override
     if isinstance(step, CheckpointStep):
         return f"HUMAN:{step.role}"
-    assert isinstance(step, TaskStep | FanoutStep)
+    assert isinstance(step, _WORKER_STEP)
     return step.actor
 
 
@@ -96,7 +98,7 @@ def _input(tx: Txn, sid: str, index: int) -> dict[str, Any]:
             "payload": run.payload,
             "results": run.results,
         }
-    assert isinstance(step, TaskStep | FanoutStep)
+    assert isinstance(step, _WORKER_STEP)
     scope = tx.scope()
     if isinstance(step, FanoutStep):
         value = st.values[index] if st.values is not None else None
@@ -106,6 +108,9 @@ def _input(tx: Txn, sid: str, index: int) -> dict[str, Any]:
             return {step.as_: value, "index": index}
     if step.input is None:
         return dict(run.payload)
+    compiled = tx.plan.steps[sid].inputs
+    if compiled is not None:
+        return {name: expr.evaluate(scope) for name, expr in compiled}
     return {name: compile_expr(src).evaluate(scope) for name, src in step.input.items()}
 
 
@@ -175,7 +180,7 @@ def dispatch(tx: Txn, sid: str, index: int) -> None:
 
 def _retry(tx: Txn, sid: str) -> Retry:
     step = tx.plan.steps[sid].step
-    return step.retry if isinstance(step, TaskStep | FanoutStep) else _NO_RETRY
+    return step.retry if isinstance(step, _WORKER_STEP) else _NO_RETRY
 
 
 def complete_unit(tx: Txn, sid: str, index: int, output: dict[str, Any], by: str) -> None:

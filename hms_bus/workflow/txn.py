@@ -41,17 +41,35 @@ __all__ = ["Txn", "redact"]
 
 _copy = msgspec.structs.replace
 
+_spans: dict[float, timedelta] = {}
+_SPANS_MAX = 4096
+
+
+def _span(seconds: float) -> timedelta:
+    """`timedelta(seconds=seconds)`, remembered: building a timedelta costs more than
+    the rest of a date addition, and a workflow's SLAs and backoffs repeat."""
+    found = _spans.get(seconds)
+    if found is None:
+        if len(_spans) >= _SPANS_MAX:
+            _spans.clear()  # unique lengths (retry jitter) must not pile up
+        found = _spans[seconds] = timedelta(seconds=seconds)
+    return found
+
 
 class Txn:
     """The working state of one `advance` call."""
 
     __slots__ = (
-        "_copied_steps",
-        "_copied_tasks",
-        "_copied_units",
         "_n",
-        "_own",
+        "_owned_results",
+        "_owned_steps",
+        "_owned_tasks",
+        "_owned_timers",
         "_scope",
+        "_steps",
+        "_tasks",
+        "_unit_lists",
+        "_units",
         "branched",
         "by",
         "effects",
@@ -83,65 +101,82 @@ class Txn:
         self.failure: str | None = None
         self._n = 0
         self._scope: dict[str, Any] | None = None
-        self._own: set[str] = set()
-        self._copied_steps: set[str] = set()
-        self._copied_units: set[tuple[str, int]] = set()
-        self._copied_tasks: set[str] = set()
+        # Which containers of the run this transition has copied already: the run's
+        # dicts, and the steps, units and tasks (by key) it has written to.
+        self._owned_steps = False
+        self._owned_tasks = False
+        self._owned_results = False
+        self._owned_timers = False
+        self._steps: dict[str, StepState] = {}
+        self._units: set[tuple[str, int]] = set()
+        self._unit_lists: set[str] = set()
+        self._tasks: dict[str, TaskState] = {}
 
     # -- copy on write ----------------------------------------------------------------
-
-    def _owned(self, name: str) -> bool:
-        if name in self._own:
-            return True
-        self._own.add(name)
-        return False
 
     def peek(self, sid: str) -> StepState:
         return self.run.steps[sid]
 
+    def _own_steps(self) -> dict[str, StepState]:
+        if not self._owned_steps:
+            self._owned_steps = True
+            self.run.steps = dict(self.run.steps)
+        return self.run.steps
+
     def put_step(self, sid: str, state: StepState) -> None:
         """Replace the step's state whole (a step starting afresh)."""
-        if not self._owned("steps"):
-            self.run.steps = dict(self.run.steps)
-        self._copied_steps.add(sid)
-        self.run.steps[sid] = state
+        self._own_steps()[sid] = self._steps[sid] = state
 
     def step(self, sid: str) -> StepState:
         """The step's state, writable in this transition."""
-        if sid not in self._copied_steps:
-            if not self._owned("steps"):
-                self.run.steps = dict(self.run.steps)
-            self._copied_steps.add(sid)
-            self.run.steps[sid] = _copy(self.run.steps[sid])
-        return self.run.steps[sid]
+        st = self._steps.get(sid)
+        if st is None:
+            steps = self._own_steps()
+            st = steps[sid] = self._steps[sid] = _copy(steps[sid])
+        return st
 
     def unit(self, sid: str, index: int) -> Unit:
         st = self.step(sid)
         key = (sid, index)
-        if key not in self._copied_units:
-            self._copied_units.add(key)
+        if key in self._units:
+            # Looked up again rather than remembered: a step's units may have been
+            # replaced whole since (a step started afresh, a run reopened).
+            return st.units[index]
+        self._units.add(key)
+        if sid not in self._unit_lists:
+            # Once per step, not per unit: a fan-out's join touches every unit. Lists
+            # assigned to `units` later (a restart, a reopen) are new ones already.
+            self._unit_lists.add(sid)
             st.units = list(st.units)
-            st.units[index] = _copy(st.units[index])
-        return st.units[index]
+        u = st.units[index] = _copy(st.units[index])
+        return u
 
     def task(self, tid: str) -> TaskState:
-        if tid not in self._copied_tasks:
-            if not self._owned("tasks"):
+        t = self._tasks.get(tid)
+        if t is None:
+            if not self._owned_tasks:
+                self._owned_tasks = True
                 self.run.tasks = dict(self.run.tasks)
-            self._copied_tasks.add(tid)
-            self.run.tasks[tid] = _copy(self.run.tasks[tid])
-        return self.run.tasks[tid]
+            t = self.run.tasks[tid] = self._tasks[tid] = _copy(self.run.tasks[tid])
+        return t
 
     def add_task(self, task: TaskState) -> None:
-        if not self._owned("tasks"):
+        if not self._owned_tasks:
+            self._owned_tasks = True
             self.run.tasks = dict(self.run.tasks)
-        self._copied_tasks.add(task.task)
-        self.run.tasks[task.task] = task
+        self.run.tasks[task.task] = self._tasks[task.task] = task
 
     def set_result(self, sid: str, value: Any) -> None:
-        if not self._owned("results"):
+        if not self._owned_results:
+            self._owned_results = True
             self.run.results = dict(self.run.results)
         self.run.results[sid] = value
+
+    def _own_timers(self) -> dict[str, datetime]:
+        if not self._owned_timers:
+            self._owned_timers = True
+            self.run.timers = dict(self.run.timers)
+        return self.run.timers
 
     # -- time ---------------------------------------------------------------------------
 
@@ -149,7 +184,7 @@ class Txn:
         """`seconds` of `like`'s measure (wall or working time) after `start`."""
         if not like.business:
             # Wall-clock time needs no calendar; this is the common, hot path.
-            return start + timedelta(seconds=seconds)
+            return start + _span(seconds)
         return due_at(
             self.wf,
             Duration(seconds=seconds, business=True, calendar=like.calendar),
@@ -173,19 +208,21 @@ class Txn:
         reason: str | None = None,
         data: dict[str, Any] | None = None,
     ) -> None:
+        self._n += 1
+        run = self.run
         self.effects.append(
             Fact(
-                id=self._next_id(),
-                run=self.run.run,
+                id=f"{self.input_id}/{self._n}",
+                run=run.run,
                 kind=kind,
                 at=self.now,
-                workflow=self.run.workflow,
+                workflow=run.workflow,
                 step=step,
                 attempt=attempt,
                 task=task,
                 by=by,
                 reason=reason,
-                case=self.run.case,
+                case=run.case,
                 source="dispatcher",
                 data=data if data is not None else {},
             )
@@ -228,9 +265,7 @@ class Txn:
     ) -> None:
         if self.run.timers.get(name) == due:
             return
-        if not self._owned("timers"):
-            self.run.timers = dict(self.run.timers)
-        self.run.timers[name] = due
+        self._own_timers()[name] = due
         self.effects.append(
             ArmTimer(
                 id=self._next_id(),
@@ -246,16 +281,12 @@ class Txn:
     def disarm(self, name: str) -> None:
         if name not in self.run.timers:
             return
-        if not self._owned("timers"):
-            self.run.timers = dict(self.run.timers)
-        del self.run.timers[name]
+        del self._own_timers()[name]
         self.effects.append(DisarmTimer(id=self._next_id(), timer=name, run=self.run.run))
 
     def take_timer(self, name: str) -> None:
         """Forget a timer that has fired (the timer actor has already dropped it)."""
-        if not self._owned("timers"):
-            self.run.timers = dict(self.run.timers)
-        self.run.timers.pop(name, None)
+        self._own_timers().pop(name, None)
 
     # -- expressions --------------------------------------------------------------------
 

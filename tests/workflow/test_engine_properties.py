@@ -201,7 +201,9 @@ def deliver(d: Driver, world: World, message: Input, hours: float) -> None:
     else:
         d.now += timedelta(hours=hours)
     before = d.run
+    snapshot = msgspec.json.encode(before)
     transition = advance(d.wf, before, message, d.now)
+    assert msgspec.json.encode(before) == snapshot, "advance changed the run it was given"
     if message in world.delivered:
         assert transition.duplicate
         assert transition.run is before
