@@ -98,9 +98,7 @@ class Metrics:
 PREFERRED_PORT = 9464
 
 
-def serve_metrics(
-    metrics: Metrics, port: int | None, addr: str = "0.0.0.0"
-) -> WSGIServer | None:
+def serve_metrics(metrics: Metrics, port: int | None, addr: str = "0.0.0.0") -> WSGIServer | None:
     """Serve `/metrics` (all interfaces by default: Prometheus scrapes from another
     host). `port` None: 9464 if free, else any free port; 0: any free port; -1: off.
     A configured port that is taken raises `OSError`. The caller shuts it down."""
