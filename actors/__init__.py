@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from actors.dispatcher import Dispatcher
 from actors.router import Router
+from actors.sla_timer import SlaTimer
 from hms_bus.daemon import ActorFactory
 
 __all__ = ["REGISTRY"]
@@ -17,4 +18,5 @@ __all__ = ["REGISTRY"]
 REGISTRY: dict[str, ActorFactory] = {
     "dispatcher": Dispatcher,
     "router": Router,
+    "sla-timer": SlaTimer,
 }
