@@ -31,7 +31,6 @@ bench: $(STAMP)  ## benchmarks; print their figures
 	$(BIN)/python bench/engine_bench.py
 	$(BIN)/python bench/worker_bench.py
 	$(BIN)/python bench/e2e_bench.py
-	$(BIN)/python bench/timer_bench.py --schedules 200000
 
 clean:
 	rm -rf $(VENV) .hms .mypy_cache .pytest_cache .ruff_cache

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from actors.dispatcher import Dispatcher
 from actors.router import Router
-from actors.sla_timer import SlaTimer
 from hms_bus.daemon import ActorFactory
 
 __all__ = ["REGISTRY"]
@@ -18,5 +17,4 @@ __all__ = ["REGISTRY"]
 REGISTRY: dict[str, ActorFactory] = {
     "dispatcher": Dispatcher,
     "router": Router,
-    "sla-timer": SlaTimer,
 }

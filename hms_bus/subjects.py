@@ -244,15 +244,6 @@ class Namespace:
     def inbox_bucket(self) -> str:
         return self.bucket("inbox")
 
-    @property
-    def timer_leases_bucket(self) -> str:
-        return self.bucket("timer_leases")
-
-    @property
-    def timer_snapshots_bucket(self) -> str:
-        """An object store: one snapshot of armed timers per partition."""
-        return self.bucket("timer_snapshots")
-
     # -- keys ------------------------------------------------------------------
     # KV keys may contain `.`, which the server treats as a subject level: we use
     # it to group keys so that a watch can filter on a prefix.

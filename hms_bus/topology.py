@@ -157,8 +157,8 @@ def declare(ns: Namespace) -> Topology:
             ns.timers_stream,
             (ns.timers_all,),
             "limits",
-            week,
-            "timer arm/disarm requests and firings: the SLA timer's log, read from its latest snapshot",
+            0,
+            "timer arm/disarm requests and firings",
         ),
         StreamSpec(
             "audit",
@@ -255,6 +255,14 @@ def declare(ns: Namespace) -> Topology:
             "router: lane tasks that exhausted their deliveries",
         ),
         ConsumerSpec(
+            ns.timers_stream,
+            ns.durable("sla-timer", "timers"),
+            (ns.timer("arm"), ns.timer("disarm")),
+            30.0,
+            5,
+            "SLA timer: arm/disarm",
+        ),
+        ConsumerSpec(
             ns.audit_stream,
             ns.durable("ledger", "audit"),
             (ns.audit_all,),
@@ -271,13 +279,6 @@ def declare(ns: Namespace) -> Topology:
         BucketSpec("health", ns.health_bucket, 1, 15.0, "actor heartbeats"),
         BucketSpec("stats", ns.stats_bucket, 1, 0, "statistics derived by the ledger"),
         BucketSpec("inbox", ns.inbox_bucket, 1, 0, "human tasks waiting for a clerk, with claims"),
-        BucketSpec(
-            "timer_leases",
-            ns.timer_leases_bucket,
-            1,
-            5.0,
-            "SLA timer: partition leases and live members",
-        ),
     )
     return Topology(streams, consumers, buckets)
 
