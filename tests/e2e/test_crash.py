@@ -190,7 +190,12 @@ async def test_replicas_killed_under_load_lose_no_run_and_double_no_step(
                 await done.reached(total)
             tg.cancel_scope.cancel()
 
-        runs = [r async for r in RunStore(runs_kv).all()]
+        async def every_run() -> list[RunState] | None:
+            # A listing is a KV watch; read it until it shows every run (or fail).
+            listed = [r async for r in RunStore(runs_kv).all()]
+            return listed if len(listed) >= total else None
+
+        runs = await eventually(every_run, timeout=30, what=f"all {total} runs listed")
         facts = await read_facts(bus)
 
     assert 0 < killed_at < total, "the kill did not come in the middle of the load"
