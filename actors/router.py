@@ -14,7 +14,10 @@ Owns: the routing table and the parked requests (routes bucket: `hms_bus.routing
 
 Replicas share the two durables, so a request is handled by one replica at a time,
 and all watch the same table and registry: routing is stateless apart from the
-table and the parked requests, both in KV. Duplicates are harmless: every publish
+table and the parked requests, both in KV. A replica handles up to `concurrency`
+requests at once (each waits for its PubAcks: one at a time would bound the router
+by the round-trip time), those about one task in the order they came, so a cancel
+never overtakes the route request before it. Duplicates are harmless: every publish
 has a deterministic `Nats-Msg-Id` (`<task>/task`, `<task>/routed`, ...), an inbox
 item is placed at most once, and a parked request is routed by whichever replica
 wins a compare-and-set that records the lane first.
@@ -51,7 +54,7 @@ from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 from hms_bus import inbox, parking
 from hms_bus.clock import Clock, SystemClock
 from hms_bus.connection import Bus
-from hms_bus.consume import ConsumeLoop
+from hms_bus.consume import ConsumeLoop, delivery_count
 from hms_bus.errors import HmsError, InvalidNameError, PermanentError
 from hms_bus.exhausted import MaxDeliveries, fail_exhausted
 from hms_bus.lanes import DEFAULT_ACK_WAIT, DEFAULT_MAX_DELIVER, ensure_lane, lane_pending
@@ -105,6 +108,7 @@ class Router:
         lane_ack_wait: float = DEFAULT_ACK_WAIT,
         lane_max_deliver: int = DEFAULT_MAX_DELIVER,
         fetch_timeout: float = 2.0,
+        concurrency: int = 32,
     ) -> None:
         self._bus = bus
         self._clock = clock or SystemClock()
@@ -114,6 +118,8 @@ class Router:
         self._pending = PendingCache(pending_ttl)
         self._entries: dict[str, RouteEntry] = {}
         self._ensured: set[str] = set()
+        # Task ids with a request in hand -> set when it is handled (if anyone waits).
+        self._in_hand: dict[str, anyio.Event | None] = {}
         self._wake = anyio.Event()
         self._routes: KeyValue | None = None
         self._inbox: KeyValue | None = None
@@ -127,6 +133,7 @@ class Router:
                 handler=self._on_route,
                 metrics=metrics,
                 fetch_timeout=fetch_timeout,
+                concurrency=concurrency,
             ),
             ConsumeLoop(
                 bus,
@@ -239,11 +246,22 @@ class Router:
 
     # -- route requests -------------------------------------------------------------------
     async def _on_route(self, message: Message, msg: Msg) -> None:
-        match message:
-            case RouteTask():
-                await self._route(message, redelivered=msg.metadata.num_delivered > 1)
-            case CancelTask():
-                await self._cancel(message)
+        task = getattr(message, "task", "")
+        while task in self._in_hand:  # the same task's earlier request goes first
+            ahead = self._in_hand[task]
+            if ahead is None:  # created only when someone waits: that is rare
+                ahead = self._in_hand[task] = anyio.Event()
+            await ahead.wait()
+        self._in_hand[task] = None
+        try:
+            match message:
+                case RouteTask():
+                    await self._route(message, redelivered=delivery_count(msg) > 1)
+                case CancelTask():
+                    await self._cancel(message)
+        finally:
+            if (waiting := self._in_hand.pop(task)) is not None:
+                waiting.set()
 
     async def _route(self, req: RouteTask, *, redelivered: bool) -> None:
         try:

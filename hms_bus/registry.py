@@ -18,6 +18,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+import anyio
 import msgspec
 import nats.js.errors
 from nats.js.kv import KeyValue
@@ -57,6 +58,7 @@ class Registry:
         self._versions: dict[tuple[str, int], Workflow] = {}
         self._triggers: dict[str, list[Workflow]] = {}
         self._triggers_at = float("-inf")
+        self._refreshing = anyio.Lock()
 
     @classmethod
     async def open(cls, bus: Bus) -> Registry:
@@ -146,18 +148,24 @@ class Registry:
         """
         now = time.monotonic()
         if now - self._triggers_at > TRIGGER_TTL:
-            await self._refresh_triggers()
+            await self._refresh_triggers(now - TRIGGER_TTL)
         found = self._triggers.get(event)
         if not found and now - self._triggers_at > 0.05:
-            await self._refresh_triggers()
+            await self._refresh_triggers(now - 0.05)
             found = self._triggers.get(event)
         return list(found or ())
 
-    async def _refresh_triggers(self) -> None:
-        triggers: dict[str, list[Workflow]] = {}
-        for workflow_id in await self.workflow_ids():
-            workflow = await self.get(workflow_id)
-            for name in workflow.start:
-                triggers.setdefault(name, []).append(workflow)
-        self._triggers = triggers
-        self._triggers_at = time.monotonic()
+    async def _refresh_triggers(self, unless_since: float) -> None:
+        """Re-read the triggers, unless that happened after `unless_since` (while this
+        caller waited): the dispatcher's concurrent handlers all find the answer
+        expired at once, and one scan serves them all."""
+        async with self._refreshing:
+            if self._triggers_at > unless_since:
+                return
+            triggers: dict[str, list[Workflow]] = {}
+            for workflow_id in await self.workflow_ids():
+                workflow = await self.get(workflow_id)
+                for name in workflow.start:
+                    triggers.setdefault(name, []).append(workflow)
+            self._triggers = triggers
+            self._triggers_at = time.monotonic()

@@ -125,7 +125,11 @@ def decode_parked(data: bytes) -> Parked:
 
 
 # -- keys ------------------------------------------------------------------------------
-_KEEP = re.compile(r"[A-Za-z0-9_/-]")
+_ESCAPE = re.compile(r"[^A-Za-z0-9_/-]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    return "".join(f"={b:02X}" for b in match.group().encode())
 
 
 def key_token(text: str) -> str:
@@ -135,13 +139,7 @@ def key_token(text: str) -> str:
     escaped because it would add a level to the key's subject."""
     if not text:
         raise InvalidNameError("an empty id cannot be a key")
-    out: list[str] = []
-    for ch in text:
-        if _KEEP.fullmatch(ch):
-            out.append(ch)
-        else:
-            out.extend(f"={b:02X}" for b in ch.encode())
-    return "".join(out)
+    return _ESCAPE.sub(_escaped, text)
 
 
 def route_key(actor: str) -> str:

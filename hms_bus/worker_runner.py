@@ -1,10 +1,10 @@
 """`WorkerRunner`: one lane's worker on a live bus (an `Actor` for `Daemon`).
 
-It consumes the lane's shared durable with the one `ConsumeLoop` (batched long-poll
-fetches that never take more tasks than it has free slots, since a task waiting in
-hand burns its ack wait; an `in_progress` keep-alive for long tasks), and for each
-task runs the function (`worker_function.run_attempt`), publishes the result, awaits
-its PubAck, and only then lets the loop ack the task.
+It consumes the lane's shared durable with the one `ConsumeLoop` (a continuous
+long-poll pull that never asks for more tasks than it has free slots, since a task
+waiting in hand burns its ack wait; an `in_progress` keep-alive for long tasks),
+and for each task runs the function (`worker_function.run_attempt`), publishes the
+result, awaits its PubAck, and only then lets the loop ack the task.
 
 - A result that cannot be published (server away) is retried for a few seconds;
   then the handler raises `RetryLater`, so the task is nak'd and runs again later,
@@ -46,7 +46,7 @@ from nats.js.kv import KeyValue
 from prometheus_client import CollectorRegistry, Counter
 
 from hms_bus.connection import Bus
-from hms_bus.consume import ConsumeLoop
+from hms_bus.consume import ConsumeLoop, delivery_count
 from hms_bus.errors import PermanentError, RetryLater, TopologyError
 from hms_bus.lanes import DEFAULT_ACK_WAIT, DEFAULT_MAX_DELIVER, ensure_lane, lane_config
 from hms_bus.messages import CancelTask, Message, Task, TaskFailed, TaskProgress, decoder_for
@@ -301,7 +301,7 @@ class WorkerRunner:
             lane=self.worker.lane,
             worker=self.by,
             bus=self._bus,
-            delivery=msg.metadata.num_delivered,
+            delivery=delivery_count(msg),
             keep_alive=functools.partial(self._keep_alive, msg),
             report=self._report,
         )

@@ -20,6 +20,7 @@ from hms_bus.messages import (
     Event,
     Fact,
     PauseRun,
+    ResumeRun,
     RouteTask,
     TaskCompleted,
     decoder_for,
@@ -124,6 +125,11 @@ async def test_a_command_sent_twice_applies_once(nats_url: str, ns: Namespace) -
     assert (paused[0].by, paused[0].reason) == ("supervisor", "citizen called")
 
 
+async def _applied(runs: RunStore, run_id: str, input_id: str) -> bool:
+    stored = await runs.get(run_id)
+    return stored is not None and input_id in stored.run.applied
+
+
 async def _status(runs: RunStore, run_id: str, status: str) -> bool:
     stored = await runs.get(run_id)
     return stored is not None and stored.run.status == status
@@ -169,6 +175,33 @@ async def test_poison_commands_are_dead_lettered_and_the_dispatcher_keeps_servin
 
     assert dead.headers is not None
     assert reason in dead.headers[DLQ_REASON]
+
+
+async def test_a_stale_cached_state_is_re_read_and_nothing_is_lost(
+    nats_url: str, ns: Namespace
+) -> None:
+    # What another replica writing the run in between looks like to this one: its
+    # cache holds an older revision. The compare-and-set refuses it, the run is re-read.
+    async with dispatchers(nats_url, ns) as (bus, (dispatcher,)):
+        await bus.publish(ns.event("ComplaintLogged"), Event(id="e1", name="ComplaintLogged"))
+        runs = await RunStore.open(bus)
+        run_id = (await eventually(runs.run_ids, what="run started"))[0]
+        stale = await runs.require(run_id)
+        pause = PauseRun(id="pause-1", run=run_id, by="supervisor", reason="citizen called")
+        await bus.publish(ns.command("pause"), pause)
+        await eventually(lambda: _status(runs, run_id, "PAUSED"), what="run paused")
+
+        dispatcher._cache.put(stale)  # the state from before the pause
+        resume = ResumeRun(id="resume-1", run=run_id, by="supervisor", reason="called back")
+        await bus.publish(ns.command("resume"), resume)
+        await eventually(lambda: _applied(runs, run_id, "resume-1"), what="run resumed")
+        final = (await runs.require(run_id)).run
+        facts = await drain(bus, ns.audit_stream, ns.durable("ledger", "audit"), 50, AUDIT_TYPES)
+
+    assert final.applied[-2:] == ["pause-1", "resume-1"]
+    assert final.status != "PAUSED"
+    kinds = [f.kind for f in facts if isinstance(f, Fact)]
+    assert (kinds.count("run.paused"), kinds.count("run.resumed")) == (1, 1)
 
 
 async def test_two_replicas_racing_on_one_run_lose_no_update(nats_url: str, ns: Namespace) -> None:

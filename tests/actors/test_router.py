@@ -292,6 +292,39 @@ async def _gone(kv: Any, task_id: str) -> bool:
     return await inbox.find(kv, task_id) is None
 
 
+async def test_a_cancel_right_behind_its_route_request_is_handled_after_it(
+    nats_url: str, ns: Namespace
+) -> None:
+    # The router handles many requests at once, but a task's requests in their order:
+    # a cancel that overtook its route request would leave the item in the inbox.
+    human = Lane.parse("HUMAN:investigator")
+    tasks = [f"COM-{n}/review/1" for n in range(20)]
+    async with bus_for(nats_url, ns) as bus, routers(bus, concurrency=32):
+        await bus.publish_all(
+            pair
+            for task in tasks
+            for pair in (
+                (ns.route("request"), route_task(task, actor=str(human))),
+                (
+                    ns.route("cancel"),
+                    CancelTask(
+                        id=f"{task}/cancel",
+                        task=task,
+                        run=task.split("/")[0],
+                        step="review",
+                        attempt=1,
+                        reason="run cancelled",
+                    ),
+                ),
+            )
+        )
+        await eventually(lambda: route_queue_empty(bus), what="requests handled")
+        kv = await bus.js.key_value(ns.inbox_bucket)
+        left = [task for task in tasks if not await _gone(kv, task)]
+
+    assert left == []
+
+
 async def test_an_exhausted_lane_task_fails_is_dead_lettered_and_leaves_the_lane(
     nats_url: str, ns: Namespace
 ) -> None:

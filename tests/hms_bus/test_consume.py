@@ -263,3 +263,63 @@ async def test_oversized_publish_is_refused_with_a_clear_error(
         big = Event(id="big", name="ComplaintLogged", payload={"blob": "x" * size})
         with pytest.raises(PermanentError, match=r"over the configured limit of 1048576 bytes"):
             await bus.publish(ns.event("ComplaintLogged"), big)
+
+
+async def test_never_holds_more_than_it_can_start(nats_url: str, ns: Namespace) -> None:
+    # A message pulled but not started burns its ack wait: with 4 slots busy, the
+    # server must see 4 delivered and unacknowledged, and the rest still waiting.
+    release = anyio.Event()
+    started: list[str] = []
+
+    async def handler(evt: Event, msg: Msg) -> None:
+        started.append(evt.id)
+        await release.wait()
+
+    async with bus_for(nats_url, ns) as bus:
+        loop = ConsumeLoop(
+            bus,
+            stream=ns.events_stream,
+            durable=ns.durable("dispatcher", "events"),
+            decoder=decoder_for(Event).decode,
+            handler=handler,
+            concurrency=4,
+            fetch_timeout=0.2,
+        )
+        async with running(loop):
+            await bus.publish_all((ns.event("ComplaintLogged"), event(n)) for n in range(20))
+            await eventually(lambda: len(started) == 4, what="four handlers started")
+            for _ in range(3):  # through a few pull expiries and re-pulls
+                await anyio.sleep(0.2)
+                info = await bus.js.consumer_info(ns.events_stream, loop.durable)
+                assert (info.num_ack_pending, info.num_pending) == (4, 16)
+            release.set()
+            await eventually(lambda: loop.statistics().acked == 20, what="all handled")
+
+
+async def test_stop_settles_everything_the_open_pulls_deliver(nats_url: str, ns: Namespace) -> None:
+    handled: list[str] = []
+
+    async def handler(evt: Event, msg: Msg) -> None:
+        handled.append(evt.id)
+        await anyio.sleep(0.001)
+
+    async with bus_for(nats_url, ns) as bus:
+        loop = ConsumeLoop(
+            bus,
+            stream=ns.events_stream,
+            durable=ns.durable("dispatcher", "events"),
+            decoder=decoder_for(Event).decode,
+            handler=handler,
+            concurrency=8,
+        )
+        await bus.publish_all((ns.event("ComplaintLogged"), event(n)) for n in range(300))
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                await tg.start(loop.run)
+                await eventually(lambda: len(handled) >= 50, what="intake under way")
+                loop.stop()  # run() returns once the open pulls are done and settled
+        info = await bus.js.consumer_info(ns.events_stream, loop.durable)
+
+    assert info.num_ack_pending == 0  # nothing pulled was left unacknowledged
+    assert len(handled) == len(set(handled)) == loop.statistics().acked
+    assert len(handled) + info.num_pending == 300

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from contextlib import AsyncExitStack
 from datetime import UTC, date, datetime
 
 import anyio
 import pytest
 from nats.aio.client import Client
 
+from hms_bus.connection import open_bus
 from hms_bus.runs import ID_BLOCK, Conflict, RunStore
-from hms_bus.settings import BusSettings
+from hms_bus.settings import BusSettings, NatsSettings
 from hms_bus.subjects import Namespace
 from hms_bus.topology import ensure_topology
 from hms_bus.workflow.state import RunState
@@ -43,7 +45,10 @@ async def test_concurrent_allocations_on_two_replicas_never_repeat_an_id(
     assert numbers[-1] <= 160 + 2 * ID_BLOCK  # at most one unused block per replica
 
 
-async def test_a_stale_revision_update_conflicts(nc: Client, ns: Namespace) -> None:
+@pytest.mark.parametrize("through_bus", [False, True], ids=["kv", "pipelined"])
+async def test_a_stale_revision_update_conflicts(
+    nc: Client, nats_url: str, ns: Namespace, through_bus: bool
+) -> None:
     (store,) = await _stores(nc, ns, 1)
     now = datetime(2026, 11, 20, 10, tzinfo=UTC)
     run = RunState(
@@ -55,13 +60,21 @@ async def test_a_stale_revision_update_conflicts(nc: Client, ns: Namespace) -> N
         started_at=now,
         updated_at=now,
     )
-    first = await store.create(run)
-    await store.update(run, first)
+    async with AsyncExitStack() as stack:
+        if through_bus:  # the dispatcher's store: an update is one pipelined publish
+            bus = await stack.enter_async_context(
+                open_bus(NatsSettings(urls=(nats_url,)), BusSettings(root=ns.root), "test")
+            )
+            store = await RunStore.open(bus)
+        first = await store.create(run)
+        second = await store.update(run, first)
 
-    with pytest.raises(Conflict):
-        await store.update(run, first)
-    with pytest.raises(Conflict):
-        await store.create(run)
+        with pytest.raises(Conflict):
+            await store.update(run, first)
+        with pytest.raises(Conflict):
+            await store.create(run)
+        assert await store.update(run, second) > second
+        assert (await store.require("FTC-1")).revision > second
 
 
 async def test_a_key_binds_to_the_first_run_only(nc: Client, ns: Namespace) -> None:
