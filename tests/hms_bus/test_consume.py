@@ -289,6 +289,8 @@ async def test_never_holds_more_than_it_can_start(nats_url: str, ns: Namespace) 
             await bus.publish_all((ns.event("ComplaintLogged"), event(n)) for n in range(20))
             await eventually(lambda: len(started) == 4, what="four handlers started")
             for _ in range(3):  # through a few pull expiries and re-pulls
+                # Time passing IS the behaviour under test: the invariant must hold
+                # across pull expiries, not at one instant.
                 await anyio.sleep(0.2)
                 info = await bus.js.consumer_info(ns.events_stream, loop.durable)
                 assert (info.num_ack_pending, info.num_pending) == (4, 16)
@@ -301,7 +303,7 @@ async def test_stop_settles_everything_the_open_pulls_deliver(nats_url: str, ns:
 
     async def handler(evt: Event, msg: Msg) -> None:
         handled.append(evt.id)
-        await anyio.sleep(0.001)
+        await anyio.sleep(0.001)  # simulated work, so that handlers overlap the stop
 
     async with bus_for(nats_url, ns) as bus:
         loop = ConsumeLoop(
