@@ -34,8 +34,9 @@ from hms_bus.daemon import Daemon
 from hms_bus.demo.clerk import Clerk
 from hms_bus.demo.events import DEMO_EVENTS, DemoEvent, event_id, run_key
 from hms_bus.demo.progress import decode_run, describe_change, table
-from hms_bus.demo.workers import demo_workers, lanes_of, missing_lanes
+from hms_bus.demo.workers import channels_of, demo_workers, lanes_of, missing_lanes
 from hms_bus.errors import HmsError
+from hms_bus.notify import NotifierRunner, kinds_of, log_notifier
 from hms_bus.settings import Settings
 from hms_bus.worker import WorkerRunner
 from hms_bus.workflow.loader import load_workflow
@@ -250,6 +251,10 @@ async def run_demo(
         runners = [WorkerRunner(bus, w, heartbeat_seconds=2.0) for w in demo_workers(pace, lanes)]
         for runner in runners:
             await tg.start(runner.run)
+        kinds = kinds_of(channels_of(workflows.values()))
+        notifiers = [NotifierRunner(bus, log_notifier(kind)) for kind in kinds]
+        for notifier in notifiers:  # escalations' notifications, logged
+            await tg.start(notifier.run)
         clerk = Clerk(bus, delay=clerk_delay) if auto_clerk else None
         if clerk is not None:
             await tg.start(clerk.run)
@@ -260,7 +265,10 @@ async def run_demo(
             if clerk
             else ("human tasks wait in the inbox: hms task list / complete, hms approve")
         )
-        tracker.write(f"demo {session}: {len(runners)} simulated workers; {humans}")
+        tracker.write(
+            f"demo {session}: {len(runners)} simulated workers, notifiers logging "
+            f"{', '.join(kinds) or 'nothing'}; {humans}"
+        )
         for demo in demos:
             await client.publish_event(demo.event, dict(demo.payload), id=event_id(session, demo))
             tracker.write(f"published {demo.event} for {demo.example}: {demo.story}")
@@ -275,6 +283,8 @@ async def run_demo(
         tracker.write(report.render())
         for runner in runners:
             runner.stop()
+        for notifier in notifiers:
+            notifier.stop()
         if clerk is not None:
             clerk.stop()
         tg.cancel_scope.cancel()

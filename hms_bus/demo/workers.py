@@ -240,6 +240,17 @@ def lanes_of(workflows: Iterable[Workflow]) -> set[str]:
     return {a for a in found if not a.startswith("HUMAN:")}
 
 
+def channels_of(workflows: Iterable[Workflow]) -> set[str]:
+    """Every notification channel the workflows' escalations name."""
+    found: set[str] = set()
+    for workflow in workflows:
+        for step in workflow.steps:
+            escalation = getattr(step, "on_timeout", None)
+            for rung in escalation.rungs if escalation is not None else ():
+                found.update(rung.action.notify)
+    return found
+
+
 def missing_lanes(workflows: Iterable[Workflow]) -> list[str]:
     """AI/SVC lanes the workflows need that no simulated worker serves."""
     return sorted(lanes_of(workflows) - set(ANSWERS))
