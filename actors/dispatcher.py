@@ -21,6 +21,9 @@ Crash anywhere and the input is redelivered: if the write had happened, the
 engine sees the input's id among the applied ones and hands back the outbox
 entry, which is published again (the streams' duplicate windows drop what was
 already out); if not, it is applied afresh. Nothing is lost, nothing doubled.
+Once every effect of an input is acknowledged by its stream, the dispatcher
+remembers it, and the run's next write drops that outbox entry (`published=`):
+a stored run then carries only effects that may not be out yet.
 
 Replicas share the four durables. Two replicas applying inputs of the same run
 race on the revision: the loser re-reads and re-applies (the engine is a pure
@@ -41,7 +44,7 @@ from nats.aio.msg import Msg
 
 from hms_bus.clock import Clock, SystemClock
 from hms_bus.connection import Bus
-from hms_bus.consume import ConsumeLoop
+from hms_bus.consume import ConsumeLoop, delivery_count
 from hms_bus.errors import NotFoundError, PermanentError, RetryLater
 from hms_bus.messages import (
     COMMAND_TYPES,
@@ -72,6 +75,12 @@ log = logging.getLogger(__name__)
 
 #: Compare-and-set attempts on one input before giving it back for redelivery.
 MAX_RACES = 20
+#: An event no applied workflow starts is looked up again on this many deliveries,
+#: this many seconds apart, before it is dead-lettered.
+UNKNOWN_EVENT_DELIVERIES = 3
+UNKNOWN_EVENT_DELAY = 2.0
+#: Published inputs remembered per run (see `Dispatcher._mark_published`).
+_HINTS = 8
 
 
 class Dispatcher:
@@ -88,6 +97,11 @@ class Dispatcher:
     ) -> None:
         self._bus = bus
         self._cache = RunCache(cache_size)
+        self._cache_size = cache_size
+        # Per run, the latest inputs whose effects this process has published (every
+        # PubAck back): a hint for the run's next write, which drops their outbox
+        # entries. Losing one only keeps its entry until it expires.
+        self._published: dict[str, tuple[str, ...]] = {}
         self._metrics = metrics
         self._clock = clock or SystemClock()
         ns = bus.ns
@@ -150,9 +164,13 @@ class Dispatcher:
             return
         workflows = await self.registry.triggered_by(event.name)
         if not workflows:
+            reason = f"no applied workflow starts on event {event.name!r}"
+            if delivery_count(msg) < UNKNOWN_EVENT_DELIVERIES:
+                # A listing read from a lagging replica (in a cluster) or a workflow
+                # applied a moment after the event: look again before giving up.
+                raise RetryLater(reason, delay=UNKNOWN_EVENT_DELAY)
             raise PermanentError(
-                f"no applied workflow starts on event {event.name!r}; apply one with "
-                f"`start: {event.name}` and replay this dead letter"
+                f"{reason}; apply one with `start: {event.name}` and replay this dead letter"
             )
         for workflow in workflows:
             await self._start(
@@ -205,11 +223,13 @@ class Dispatcher:
             raise RetryLater(f"run {run_id} is being created by another replica", 0.1) from None
         self._cache.put(StoredRun(transition.run, revision))
         await self._publish(transition.effects)
+        self._mark_published(run_id, command.id, ())
 
     async def _apply(self, run_id: str, message: Message) -> None:
         # The state this process last wrote saves the read; the compare-and-set on its
         # revision checks it is still what is stored.
         guess = self._cache.take(run_id)
+        published = self._published.get(run_id, ())
         for _ in range(MAX_RACES):
             stored = guess or await self.runs.get(run_id)
             if stored is None:
@@ -218,7 +238,13 @@ class Dispatcher:
                 workflow = await self.registry.get(stored.run.workflow, stored.run.version)
             except NotFoundError as exc:
                 raise PermanentError(f"run {run_id}: {exc}") from None
-            transition = advance(workflow, stored.run, message, self._clock.now())  # type: ignore[arg-type]
+            transition = advance(
+                workflow,
+                stored.run,
+                message,  # type: ignore[arg-type]
+                self._clock.now(),
+                published=published,
+            )
             if transition.duplicate:
                 if guess is not None:
                     # Re-publish only from what is stored: the outbox there is the truth.
@@ -226,6 +252,7 @@ class Dispatcher:
                     continue
                 self._cache.put(stored)
                 await self._publish(transition.effects)
+                self._mark_published(run_id, message.id, ())
                 return
             try:
                 revision = await self.runs.update(transition.run, stored.revision)
@@ -236,10 +263,21 @@ class Dispatcher:
                 continue
             self._cache.put(StoredRun(transition.run, revision))
             await self._publish(transition.effects)
+            self._mark_published(run_id, message.id, published)
             return
         raise RetryLater(f"run {run_id}: lost {MAX_RACES} compare-and-set races in a row", 0.5)
 
     # -- effects -----------------------------------------------------------------------
+    def _mark_published(self, run_id: str, input_id: str, dropped: tuple[str, ...]) -> None:
+        """Every effect of `input_id` is in its stream: the run's next write may drop
+        its outbox entry. `dropped`: hints a write has just used (their entries are
+        gone). A few per run (concurrent inputs of one run), bounded like the run
+        cache (the oldest runs' hints go first)."""
+        kept = [i for i in self._published.pop(run_id, ()) if i not in dropped]
+        self._published[run_id] = (*kept[-(_HINTS - 1) :], input_id)
+        if len(self._published) > self._cache_size:
+            del self._published[next(iter(self._published))]
+
     async def _publish(self, effects: Iterable[Effect]) -> None:
         await self._bus.publish_all((self._subject(effect), effect) for effect in effects)
 

@@ -8,9 +8,20 @@ tested without NATS and replayed exactly.
 Delivery semantics (DESIGN.md): an input applied twice changes nothing. The run
 keeps the id of every input it applied; a redelivered input returns
 `Transition(run, effects, duplicate=True)` with the run unchanged and the effects
-the first application produced (from the run's outbox, kept for `OUTBOX_RETENTION`),
-which the dispatcher re-publishes: their deterministic ids let the streams'
-duplicate windows drop what was already published before a crash.
+the first application produced (from the run's outbox), which the dispatcher
+re-publishes: their deterministic ids let the streams' duplicate windows drop what
+was already published before a crash.
+
+The outbox keeps only what a redelivery can need. An entry matters until its
+effects are known to be published: the dispatcher that published them (and got
+every PubAck) says so on the run's next input, `advance(..., published=[id])`, and
+the entry is dropped; a redelivery of that input then re-publishes nothing, which
+is right, since everything it would re-publish is in the streams already. An entry
+nobody confirms (a dispatcher died while publishing, or another replica applied the
+next input) is kept for `OUTBOX_RETENTION`, well past the inputs' redelivery
+window. So in steady state a run's stored value carries one entry, the newest,
+rather than every recent input's effects: the outbox was most of the bytes that
+each input decodes and encodes again.
 
 Inputs that cannot apply to this run at all (another run's id) raise
 `PermanentError`, which the consume loop dead-letters; every other odd input (late,
@@ -19,7 +30,7 @@ unknown task, wrong party, run finished) is recorded as a fact and changes nothi
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -54,7 +65,14 @@ from hms_bus.workflow.flow import derive_status, settle
 from hms_bus.workflow.model import Workflow
 from hms_bus.workflow.outcome import follow
 from hms_bus.workflow.plan import plan_for
-from hms_bus.workflow.state import Clock, OutboxEntry, RunState, StepState
+from hms_bus.workflow.state import (
+    TERMINAL_RUN,
+    Clock,
+    OutboxEntry,
+    RunState,
+    StepState,
+    StepStates,
+)
 from hms_bus.workflow.txn import Txn, redact
 
 __all__ = [
@@ -136,7 +154,7 @@ def start_run(workflow: Workflow, command: StartRun, run_id: str, now: datetime)
         case=_case(workflow, command, command.payload),
         event=command.event,
         started_by=command.by,
-        steps={s.id: StepState(status="WAITING") for s in workflow.steps},
+        steps=StepStates({s.id: StepState(status="WAITING") for s in workflow.steps}),
         clock=Clock() if workflow.sla is not None else None,
     )
     tx = Txn(plan, run, command.id, now)
@@ -189,11 +207,13 @@ def advance(
     now: datetime,
     *,
     retention: timedelta = OUTBOX_RETENTION,
+    published: Collection[str] = (),
 ) -> Transition:
     """Apply `input` to `run` at `now`. Never mutates `run`.
 
     `retention`: how long this transition keeps earlier inputs' effects in the outbox
-    (see `OUTBOX_RETENTION`).
+    (see `OUTBOX_RETENTION`). `published`: ids of inputs whose effects the caller has
+    published (every PubAck received): their outbox entries are dropped now.
     """
     if workflow.id != run.workflow or workflow.version != run.version:
         raise ValueError(
@@ -217,7 +237,7 @@ def advance(
         raise PermanentError(f"the engine takes no {type(input).__name__} input")
     tx = Txn(plan_for(workflow), run, input.id, now)
     tx.by = getattr(input, "by", None)
-    if run.finished:
+    if run.status in TERMINAL_RUN:
         if isinstance(input, RetryStep):
             operator.reopen(tx, input)
             if not tx.run.finished:
@@ -228,20 +248,21 @@ def advance(
             handlers.ignored(tx, f"run is {run.status}")
     else:
         handler(tx, input)
-        if tx.run.finished:
+        if tx.run.status in TERMINAL_RUN:
             pass
         elif tx.queue or tx.ended or tx.failure is not None or not derive_status(tx):
             settle(tx)
         # else nothing ended and flow reached nothing: no step can have become ready
         # or unreachable, and derive_status has told what may have changed.
-    return _commit(tx, retention)
+    return _commit(tx, retention, published)
 
 
-def _commit(tx: Txn, retention: timedelta) -> Transition:
+def _commit(tx: Txn, retention: timedelta, published: Collection[str] = ()) -> Transition:
     run = tx.run
     now = tx.now
     effects = tuple(tx.effects)
     run.updated_at = now
+    run.active = tx.active()
     run.applied = [*run.applied, tx.input_id]
     entry = OutboxEntry(
         input=tx.input_id, at=now, effects=msgspec.Raw(_effects_encoder.encode(effects))
@@ -254,6 +275,8 @@ def _commit(tx: Txn, retention: timedelta) -> Transition:
     while first < len(outbox) and outbox[first].at < cutoff:
         first += 1
     kept = outbox[first:]
+    if published:
+        kept = [e for e in kept if e.input not in published]
     kept.append(entry)
     run.outbox = kept
     return Transition(run, effects)

@@ -23,7 +23,7 @@ from hms_bus.workflow.clocks import start_run_clock, start_step_clock, stop_run_
 from hms_bus.workflow.expr import ExprError, compile_expr
 from hms_bus.workflow.model import FanoutStep, SwitchStep, WaitStep
 from hms_bus.workflow.outcome import end_step, fail_step, follow, skip_step
-from hms_bus.workflow.state import ACTIVE_STEP, Clock, StepState, Unit
+from hms_bus.workflow.state import ACTIVE_STEP, Clock, StepState, Unit, step_status
 from hms_bus.workflow.tasks import dispatch, join
 from hms_bus.workflow.txn import Txn
 
@@ -57,7 +57,7 @@ def activate(tx: Txn, sid: str, *, by_needs: bool = False) -> None:
     loops). A step with needs, even `needs: []`, is started by its needs only.
     """
     sp = tx.plan.steps.get(sid)
-    if sp is None or tx.peek(sid).status != "WAITING":
+    if sp is None or tx.status(sid) != "WAITING":
         return
     step = sp.step
     if step.needs is not None and not by_needs:
@@ -169,34 +169,30 @@ def _skip_dead(tx: Txn) -> bool:
     satisfies it.
     """
     plan = tx.plan
-    steps = tx.run.steps
+    # Statuses as they are now (a step skipped below changes only its own).
+    status = {sid: step_status(st) for sid, st in dict.items(tx.run.steps)}
     reach = plan.reach
     possible = 0
     waiting = False
-    for sid, st in steps.items():
-        status = st.status
-        if status in ACTIVE_STEP:
+    for sid, st_status in status.items():
+        if st_status in ACTIVE_STEP:
             possible |= reach[sid]
-        elif status == "WAITING":
+        elif st_status == "WAITING":
             waiting = True
     if not waiting:
         return False
     for sid in plan.with_needs:
-        if steps[sid].status == "WAITING" and not any(
-            steps[n].status in _BAD for n in plan.steps[sid].step.needs or () if n in steps
+        if status.get(sid) == "WAITING" and not any(
+            status.get(n) in _BAD for n in plan.steps[sid].step.needs or ()
         ):
             possible |= reach[sid]
     dead = False
     for sid in plan.order:
-        if steps[sid].status != "WAITING" or possible & plan.bit[sid]:
+        if status[sid] != "WAITING" or possible & plan.bit[sid]:
             continue
         needs = plan.steps[sid].step.needs or ()
-        bad = [n for n in needs if n in steps and steps[n].status in _BAD]
-        reason = (
-            f"needs {bad[0]}, which ended {steps[bad[0]].status}"
-            if bad
-            else "not on the path taken"
-        )
+        bad = [n for n in needs if status.get(n) in _BAD]
+        reason = f"needs {bad[0]}, which ended {status[bad[0]]}" if bad else "not on the path taken"
         skip_step(tx, sid, reason, go_on=False)
         dead = True
     return dead
@@ -204,7 +200,7 @@ def _skip_dead(tx: Txn) -> bool:
 
 def _needs_met(tx: Txn, needs: tuple[str, ...]) -> bool:
     steps = tx.run.steps
-    return all(steps[n].status in _GOOD for n in needs if n in steps)
+    return all(tx.status(n) in _GOOD for n in needs if n in steps)
 
 
 def settle(tx: Txn) -> None:
@@ -217,8 +213,7 @@ def settle(tx: Txn) -> None:
             break
         progressed = False
         for sid in plan.with_needs:
-            st = tx.peek(sid)
-            if st.status == "WAITING" and _needs_met(tx, plan.steps[sid].step.needs or ()):
+            if tx.status(sid) == "WAITING" and _needs_met(tx, plan.steps[sid].step.needs or ()):
                 activate(tx, sid, by_needs=True)
                 progressed = True
         if tx.branched:
@@ -242,7 +237,7 @@ def sync_run_clock(tx: Txn, *, waiting: bool | None = None) -> None:
     if tx.wf.sla is None or tx.run.clock is None:
         return
     if waiting is None:
-        waiting = any(st.status == "WAITING_EVENT" for st in tx.run.steps.values())
+        waiting = any(step_status(st) == "WAITING_EVENT" for st in dict.values(tx.run.steps))
     if tx.run.paused is None and not waiting:
         start_run_clock(tx)
     else:
@@ -253,23 +248,22 @@ def derive_status(tx: Txn) -> bool:
     """What the run's user is told, from what its active steps hold; the run's clock
     follows (stopped while it waits on the citizen). False: no step is active."""
     run = tx.run
+    # Called on every input: only the (few) active steps are looked at.
+    active = tx.active()
+    if not active:
+        return False
     human = False
-    active = False
     waits: list[str] = []
     plans = tx.plan.steps
-    for sid, st in run.steps.items():
-        if st.status not in ACTIVE_STEP:
-            continue
-        active = True
+    for sid in active:
         sp = plans[sid]
+        st = tx.peek(sid)
         if sp.event is not None:
             waits.append(sp.event)
         elif st.actor is not None:
             human = human or st.actor.startswith("HUMAN:")
         else:
             human = human or sp.human
-    if not active:
-        return False
     sync_run_clock(tx, waiting=bool(waits))
     if run.paused is not None:
         run.status = "PAUSED"
@@ -290,7 +284,7 @@ def finish(tx: Txn, outcome: Literal["DONE", "FAILED", "CANCELLED"], reason: str
     """End the run: cancel what is open, skip what was never reached, disarm timers."""
     run = tx.run
     for sid in tx.plan.order:
-        status = tx.peek(sid).status
+        status = tx.status(sid)
         if status in ACTIVE_STEP:
             end_step(tx, sid, "CANCELLED", reason or f"run {outcome.lower()}")
         elif status == "WAITING":

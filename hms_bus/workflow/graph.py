@@ -1,6 +1,14 @@
-"""The shape of a workflow's flow: cycles in `needs`, and steps nothing can activate.
+"""The shape of a workflow's flow: cycles in `needs` or in flow, and steps nothing
+can activate.
 
-Both checks follow the order rules of the language reference and
+A step runs at most once in a run (the language has no loops: flow reaching a step
+that has run ends there), so flow that leads back to a step it came through (a
+`next`, a switch case, an `on_failure`, `on_reject` or `escalate` naming an earlier
+step of the same path) is an error, not a silent dead end: it is reported once per
+loop, at the route that goes back. Fall-through only ever goes forward in the file,
+so every loop has such a route.
+
+All checks follow the order rules of the language reference and
 `Workflow.fall_through`: a step activates the step written after it unless it is a
 switch or has `next`, or that step has `needs`; `next`, switch cases and defaults,
 escalations, `on_failure` and `on_reject` activate their targets; the first step and
@@ -62,6 +70,7 @@ def check_graph(ctx: Ctx, located: Sequence[tuple[Step, Node]]) -> None:
             "move it, or move the steps it needs before it",
         )
     in_cycle = _cycles(ctx, steps, nodes)
+    _loops(ctx, steps, nodes)
     _unreachable(ctx, steps, nodes, in_cycle)
 
 
@@ -98,6 +107,89 @@ def _cycles(ctx: Ctx, steps: Sequence[Step], nodes: dict[str, Node]) -> set[str]
         if step.id not in state:
             visit(step.id, [])
     return members
+
+
+#: a route from one step to another: (target, how it is named, where it is written)
+_Route = tuple[str, str, Node]
+
+
+def _routes_located(step: Step, node: Node) -> Iterator[_Route]:
+    """`routes(step)` with each route's wording and node (for the error's position).
+    A `next` or switch case naming the step itself is reported where it is read."""
+    keys = node.keys or {}
+
+    def at(key: str) -> Node:
+        return node.get(key) or keys.get(key) or node
+
+    if step.next is not None and step.next != step.id:
+        yield step.next, "'next'", at("next")
+    if step.on_failure is not None:
+        yield step.on_failure, "'on_failure'", at("on_failure")
+    if isinstance(step, SwitchStep):
+        cases = node.get("cases")
+        for key, target in step.cases.items():
+            if target != step.id:
+                found = cases.get(key) if cases is not None else None
+                yield target, f"case {key!r}", found or at("cases")
+        if step.default is not None and step.default != step.id:
+            yield step.default, "'default'", at("default")
+    if isinstance(step, CheckpointStep) and step.on_reject is not None:
+        yield step.on_reject, "'on_reject'", at("on_reject")
+    escalation = getattr(step, "on_timeout", None)
+    for rung in escalation.rungs if escalation is not None else ():
+        if rung.action.escalate is not None:
+            yield rung.action.escalate, "'escalate' of 'on_timeout'", at("on_timeout")
+
+
+def _loops(ctx: Ctx, steps: Sequence[Step], nodes: dict[str, Node]) -> None:
+    """Report every loop in flow (routes and fall-through), once per set of steps."""
+    index = {step.id: i for i, step in enumerate(steps)}
+    edges: dict[str, list[_Route]] = {}
+    for i, step in enumerate(steps):
+        out = [r for r in _routes_located(step, nodes[step.id]) if r[0] in index]
+        following = fall_through(steps, i)
+        if following is not None and following in index and following != step.next:
+            out.append((following, "fall-through", nodes[step.id]))
+        edges[step.id] = out
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    reported: set[frozenset[str]] = set()
+
+    def visit(step_id: str, path: list[str]) -> None:
+        state[step_id] = 1
+        path.append(step_id)
+        for target, _, _ in edges[step_id]:
+            if state.get(target) == 1:
+                cycle = path[path.index(target) :]
+                if frozenset(cycle) not in reported:
+                    reported.add(frozenset(cycle))
+                    _report_loop(ctx, cycle, edges, index)
+            elif target not in state:
+                visit(target, path)
+        path.pop()
+        state[step_id] = 2
+
+    for step in steps:
+        if step.id not in state:
+            visit(step.id, [])
+
+
+def _report_loop(
+    ctx: Ctx, cycle: list[str], edges: dict[str, list[_Route]], index: dict[str, int]
+) -> None:
+    """One error for the loop `cycle` (each step routes to the next, the last to the
+    first), at a route that goes back in the file (fall-through never does)."""
+    pairs = [(cycle[i], cycle[(i + 1) % len(cycle)]) for i in range(len(cycle))]
+    back = next(((u, v) for u, v in pairs if index[v] <= index[u]), pairs[-1])
+    source, target = back
+    how, node = next((h, n) for t, h, n in edges[source] if t == target and h != "fall-through")
+    at = cycle.index(target)
+    ordered = [*cycle[at:], *cycle[:at], target]
+    ctx.error(
+        node,
+        f"flow loops: {' -> '.join(ordered)} ({source!r} goes back to {target!r} with {how}); "
+        "a step runs at most once in a run, so flow reaching it again would end there: "
+        "route forward, or to a new step",
+    )
 
 
 def _unreachable(

@@ -205,7 +205,7 @@ def _deliver(tx: Txn, name: str, payload: dict[str, Any]) -> None:
     waiting = [
         sid
         for sid in tx.plan.order
-        if tx.peek(sid).status == "WAITING_EVENT"
+        if tx.status(sid) == "WAITING_EVENT"
         and isinstance(step := tx.plan.steps[sid].step, WaitStep)
         and step.event == name
     ]

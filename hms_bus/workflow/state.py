@@ -10,10 +10,29 @@ Why the state holds more than "where the run is":
 - `outbox` keeps, per recent input, the effects its transition produced, written in
   the same compare-and-set as the new state; when the input is redelivered after a
   crash the dispatcher re-publishes them (their deterministic ids let the streams'
-  duplicate windows drop what was already published). The effects are kept as raw
-  JSON so that a run's every load and store does not decode and re-encode them.
+  duplicate windows drop what was already published). An entry stays only while
+  its effects may not be out: the dispatcher confirms the ones it published and
+  the next write drops them; unconfirmed ones expire after the engine's
+  `OUTBOX_RETENTION`. So a run applied input by input carries one entry, not the
+  effects of every recent input (they were most of its bytes). The effects are
+  kept as raw JSON so that a run's every load and store does not decode and
+  re-encode them.
 - `timers` mirrors the timers the run has armed, so a late or stale `TimerFired`
   (fired just before a disarm or a re-arm) is recognised and ignored.
+
+Lazy parts. A run is loaded and stored again for every input, yet an input reads
+and writes one or two of its steps, attempts and results: the others (every
+finished step, every closed attempt, every result) were decoded into objects only
+to be encoded again. So `steps`, `tasks` and `results` are `Lazy` dicts: decoding
+leaves each entry as the `msgspec.Raw` JSON it was stored as (no objects built),
+encoding writes it back byte for byte, and an entry is decoded the first time
+anyone reads it (`run.steps[sid]`, `.get`, `.values()`, `.items()`, `==`), then
+kept. Readers see ordinary dicts of `StepState`, `TaskState` and JSON values; the
+stored JSON is what it was, plus `active`: the engine asks on every input which
+steps are active (is the run over, what does it wait for), and `active` names them,
+so that the other steps stay raw. A scan of every step, when one is needed (a
+branch not taken, the run's end), reads each status from the head of its raw JSON
+(`step_status`) rather than decoding it.
 
 Nested structs are plain mutable Structs with `omit_defaults` (smaller values in
 KV) and `gc=False` (a run holds no reference cycles, so the garbage collector need
@@ -24,8 +43,9 @@ and its units and drops its clock (its attempts' times are in `tasks`).
 
 from __future__ import annotations
 
+from collections.abc import Callable, ItemsView, ValuesView
 from datetime import datetime
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
 import msgspec
 
@@ -36,18 +56,23 @@ __all__ = [
     "STEP_STATUSES",
     "TASK_STATUSES",
     "TERMINAL_RUN",
+    "Attempts",
     "Clock",
     "Decision",
+    "Lazy",
     "OutboxEntry",
     "PauseInfo",
     "PendingSignal",
+    "Results",
     "RunState",
     "RunStatus",
     "StepState",
+    "StepStates",
     "StepStatus",
     "TaskState",
     "TaskStatus",
     "Unit",
+    "step_status",
 ]
 
 #: What a run's user is told. QUEUED: accepted, no worker has answered yet;
@@ -164,6 +189,94 @@ class TaskState(msgspec.Struct, omit_defaults=True, gc=False):
     error: str | None = None
 
 
+_V = TypeVar("_V")
+_Raw = msgspec.Raw
+
+
+class Lazy(dict[str, _V]):
+    """A dict whose values may still be the raw JSON they were stored as.
+
+    A decoded run holds `msgspec.Raw` values here (see the module docstring); every
+    read decodes the entry it returns and keeps the result in place, so each is
+    decoded at most once. The encoder writes raw and decoded values alike (it
+    walks the dict itself), and copies (`copy()`, `type(d)(d)`) share what is still
+    raw. Subclasses say how to decode an entry (`_load`). `msgspec.to_builtins`
+    takes no raw value: call `load_all()` first (JSON encoders take them as they are).
+    """
+
+    __slots__ = ()
+    _load: Callable[[Any], Any]
+
+    def __getitem__(self, key: str) -> _V:
+        value = dict.__getitem__(self, key)
+        if type(value) is _Raw:
+            value = self._load(value)
+            dict.__setitem__(self, key, value)
+        return value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = dict.get(self, key, default)
+        if type(value) is _Raw:
+            value = self._load(value)
+            dict.__setitem__(self, key, value)
+        return value
+
+    def pop(self, key: str, *default: Any) -> Any:
+        value = dict.pop(self, key, *default)
+        return self._load(value) if type(value) is _Raw else value
+
+    def load_all(self) -> None:
+        """Decode every entry still raw."""
+        for key, value in dict.items(self):
+            if type(value) is _Raw:
+                dict.__setitem__(self, key, self._load(value))
+
+    def values(self) -> ValuesView[_V]:  # type: ignore[override]
+        self.load_all()
+        return dict.values(self)
+
+    def items(self) -> ItemsView[str, _V]:  # type: ignore[override]
+        self.load_all()
+        return dict.items(self)
+
+    def copy(self) -> Lazy[_V]:
+        # dict's own merge, which copies raw entries as they are: it is taken only
+        # while this class leaves `__iter__` (and `keys`) alone.
+        return type(self)(self)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, dict):
+            return NotImplemented
+        if isinstance(other, Lazy):
+            other.load_all()
+        self.load_all()
+        return dict.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        self.load_all()
+        return f"{type(self).__name__}({dict.__repr__(self)})"
+
+
+class Attempts(Lazy[TaskState]):
+    """`RunState.tasks`: attempts by task id, each decoded when first read."""
+
+    __slots__ = ()
+    _load = msgspec.json.Decoder(TaskState).decode
+
+
+class Results(Lazy[Any]):
+    """`RunState.results`: results by step id, each decoded when first read."""
+
+    __slots__ = ()
+    _load = msgspec.json.Decoder().decode
+
+
 class Unit(msgspec.Struct, omit_defaults=True, gc=False):
     """The dispatchable part of a step: one per fan-out item; a task or a checkpoint
     has exactly one. Attempts count up across retries and reroutes; `failures` counts
@@ -205,6 +318,44 @@ class StepState(msgspec.Struct, omit_defaults=True, gc=False):
     by: list[str] = []
 
 
+class StepStates(Lazy[StepState]):
+    """`RunState.steps`: step states by step id, each decoded when first read. What
+    scans every step for its status only reads it from the raw JSON (`step_status`)."""
+
+    __slots__ = ()
+    _load = msgspec.json.Decoder(StepState).decode
+
+
+_STATUS_HEAD = b'{"status":"'
+_STATUS_NAMES: dict[bytes, StepStatus] = {s.encode(): s for s in STEP_STATUSES}
+
+
+def step_status(value: StepState | msgspec.Raw) -> StepStatus:
+    """The status of a `steps` entry (`dict.get(run.steps, sid)`), decoded or raw.
+
+    A raw entry is not decoded for it: `status` is `StepState`'s first field, so the
+    JSON this engine writes starts with it; JSON written otherwise is decoded."""
+    if type(value) is not _Raw:
+        return value.status  # type: ignore[union-attr]
+    data = bytes(value)
+    if data.startswith(_STATUS_HEAD):
+        found = _STATUS_NAMES.get(data[11 : data.find(b'"', 11)])
+        if found is not None:
+            return found
+    return StepStates._load(value).status
+
+
+if TYPE_CHECKING:
+    _AttemptsField = Attempts
+    _ResultsField = Results
+    _StepsField = StepStates
+else:
+    # What msgspec decodes (and `__post_init__` wraps): each entry as raw JSON.
+    _AttemptsField = dict[str, msgspec.Raw]
+    _ResultsField = dict[str, msgspec.Raw]
+    _StepsField = dict[str, msgspec.Raw]
+
+
 class PauseInfo(msgspec.Struct, omit_defaults=True, gc=False):
     by: str
     reason: str
@@ -236,7 +387,10 @@ class RunState(msgspec.Struct, omit_defaults=True, gc=False):
     each step's result (`results.<step>` in expressions); `steps` every step of the
     workflow, in file order; `tasks` every attempt ever dispatched, by task id;
     `clock` the run's SLA clock; `responded` whether any worker has answered yet
-    (QUEUED until then); `signals` events that came before their wait step.
+    (QUEUED until then); `signals` events that came before their wait step;
+    `active` the ids of the steps whose status is active (`ACTIVE_STEP`), in file
+    order, kept by the engine so that an input need not read every step's status
+    (None in a run stored before it existed: then it is derived from `steps`).
     """
 
     run: str
@@ -252,9 +406,11 @@ class RunState(msgspec.Struct, omit_defaults=True, gc=False):
     started_by: str | None = None
     reason: str | None = None
     finished_at: datetime | None = None
-    results: dict[str, Any] = {}
-    steps: dict[str, StepState] = {}
-    tasks: dict[str, TaskState] = {}
+    # `{}`, not a default_factory, which msgspec would not omit when empty; and
+    # `__post_init__` wraps it.
+    results: _ResultsField = {}  # type: ignore[assignment]
+    steps: _StepsField = {}  # type: ignore[assignment]
+    tasks: _AttemptsField = {}  # type: ignore[assignment]
     clock: Clock | None = None
     sla_breached: bool = False
     responded: bool = False
@@ -263,6 +419,16 @@ class RunState(msgspec.Struct, omit_defaults=True, gc=False):
     signals: list[PendingSignal] = []
     applied: list[str] = []
     outbox: list[OutboxEntry] = []
+    active: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        # Decoded (or built) with plain dicts: wrap them (a copy of their entries).
+        if type(self.tasks) is not Attempts:
+            self.tasks = Attempts(self.tasks)
+        if type(self.results) is not Results:
+            self.results = Results(self.results)
+        if type(self.steps) is not StepStates:
+            self.steps = StepStates(self.steps)
 
     @property
     def finished(self) -> bool:

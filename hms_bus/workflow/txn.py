@@ -5,7 +5,10 @@ it after losing a compare-and-set race, and tests compare before and after), yet
 copying a whole run per input would cost more than the rest of the transition.
 So the run is copied shallowly, and each container or nested struct is copied the
 first time this transition writes to it: `step()`, `unit()`, `task()`,
-`set_result()`, `arm()`/`disarm()`.
+`set_result()`, `arm()`/`disarm()`. A run loaded from JSON keeps its steps, attempts
+and results raw until read (`state.Lazy`): `peek()` decodes one step, `status()`
+reads a status without decoding, and `active()` tells the active steps from the
+run's `active` and the steps written here, without reading any other.
 
 Effect ids are deterministic: `<input id>/<n>` in emission order (the engine is
 deterministic, so a replay of the same input yields the same ids), except a task's
@@ -19,7 +22,8 @@ import hashlib
 from collections import deque
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from operator import methodcaller
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
@@ -35,11 +39,31 @@ from hms_bus.messages import (
 from hms_bus.workflow.calendar import due_at
 from hms_bus.workflow.model import Duration
 from hms_bus.workflow.plan import Plan
-from hms_bus.workflow.state import RunState, StepState, TaskState, Unit
+from hms_bus.workflow.state import (
+    ACTIVE_STEP,
+    Attempts,
+    Results,
+    RunState,
+    StepState,
+    StepStates,
+    StepStatus,
+    TaskState,
+    Unit,
+    step_status,
+)
 
 __all__ = ["Txn", "redact"]
 
-_copy = msgspec.structs.replace
+_S = TypeVar("_S", bound=msgspec.Struct)
+
+if TYPE_CHECKING:
+
+    def _copy(value: _S) -> _S: ...
+
+else:
+    # A Struct's own `__copy__`: shallow, cheaper than `structs.replace`, and it does
+    # not run `__post_init__` (the run's dicts are shared until written, see below).
+    _copy = methodcaller("__copy__")
 
 _spans: dict[float, timedelta] = {}
 _SPANS_MAX = 4096
@@ -115,12 +139,45 @@ class Txn:
     # -- copy on write ----------------------------------------------------------------
 
     def peek(self, sid: str) -> StepState:
-        return self.run.steps[sid]
+        """The step's state, read-only (decoded if it was still raw)."""
+        st: Any = dict.__getitem__(self.run.steps, sid)  # skips `Lazy`'s method
+        return self.run.steps[sid] if type(st) is msgspec.Raw else st
+
+    def status(self, sid: str) -> StepStatus:
+        """The step's status, without decoding a raw step state (scans of every step)."""
+        return step_status(dict.__getitem__(self.run.steps, sid))
+
+    def active(self) -> list[str]:
+        """The steps whose status is active now, in file order.
+
+        From the run's `active` as given and the steps this transition wrote (a step's
+        status changes only through `step()` and `put_step()`), so that no other step
+        is read; a run stored without `active` has every step's status read once."""
+        given = self.run.active
+        if given is None:
+            given = self.run.active = [
+                sid for sid, st in dict.items(self.run.steps) if step_status(st) in ACTIVE_STEP
+            ]
+        written = self._steps
+        if not written:
+            return given
+        # Loops, not comprehensions: on Python 3.11 each of those is a function call,
+        # and this runs twice per input.
+        now = []
+        for sid in given:
+            if sid not in written:
+                now.append(sid)  # noqa: PERF401 (see above)
+        for sid, st in written.items():
+            if st.status in ACTIVE_STEP:
+                now.append(sid)
+        if len(now) > 1:
+            now.sort(key=self.plan.bit.__getitem__)
+        return now
 
     def _own_steps(self) -> dict[str, StepState]:
         if not self._owned_steps:
             self._owned_steps = True
-            self.run.steps = dict(self.run.steps)
+            self.run.steps = StepStates(self.run.steps)
         return self.run.steps
 
     def put_step(self, sid: str, state: StepState) -> None:
@@ -132,7 +189,7 @@ class Txn:
         st = self._steps.get(sid)
         if st is None:
             steps = self._own_steps()
-            st = steps[sid] = self._steps[sid] = _copy(steps[sid])
+            st = steps[sid] = self._steps[sid] = _copy(self.peek(sid))
         return st
 
     def unit(self, sid: str, index: int) -> Unit:
@@ -156,20 +213,20 @@ class Txn:
         if t is None:
             if not self._owned_tasks:
                 self._owned_tasks = True
-                self.run.tasks = dict(self.run.tasks)
+                self.run.tasks = Attempts(self.run.tasks)
             t = self.run.tasks[tid] = self._tasks[tid] = _copy(self.run.tasks[tid])
         return t
 
     def add_task(self, task: TaskState) -> None:
         if not self._owned_tasks:
             self._owned_tasks = True
-            self.run.tasks = dict(self.run.tasks)
+            self.run.tasks = Attempts(self.run.tasks)
         self.run.tasks[task.task] = self._tasks[task.task] = task
 
     def set_result(self, sid: str, value: Any) -> None:
         if not self._owned_results:
             self._owned_results = True
-            self.run.results = dict(self.run.results)
+            self.run.results = Results(self.run.results)
         self.run.results[sid] = value
 
     def _own_timers(self) -> dict[str, datetime]:

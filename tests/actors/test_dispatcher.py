@@ -11,9 +11,9 @@ import anyio
 import pytest
 from nats.aio.msg import Msg
 
-from actors.dispatcher import Dispatcher
+from actors.dispatcher import UNKNOWN_EVENT_DELIVERIES, Dispatcher
 from hms_bus.connection import Bus, open_bus
-from hms_bus.consume import DLQ_REASON
+from hms_bus.consume import DLQ_DELIVERED, DLQ_REASON
 from hms_bus.messages import (
     AUDIT_TYPES,
     ROUTE_TYPES,
@@ -78,7 +78,7 @@ async def drain(bus: Bus, stream: str, durable: str, n: int, types: object) -> l
 async def dead_letter(bus: Bus, ns: Namespace) -> Msg:
     sub = await bus.js.pull_subscribe(ns.dlq_all, stream=ns.dlq_stream)
     try:
-        return (await sub.fetch(1, timeout=5))[0]
+        return (await sub.fetch(1, timeout=20))[0]
     finally:
         await sub.unsubscribe()
 
@@ -144,6 +144,8 @@ async def test_an_event_nobody_starts_on_is_dead_lettered_with_the_reason(
 
     assert dead.headers is not None
     assert dead.headers[DLQ_REASON].startswith("no applied workflow starts on event 'PassportLost'")
+    # looked up again twice (a lagging replica, a workflow applied a moment late) first
+    assert dead.headers[DLQ_DELIVERED] == str(UNKNOWN_EVENT_DELIVERIES)
 
 
 @pytest.mark.parametrize(
@@ -202,6 +204,45 @@ async def test_a_stale_cached_state_is_re_read_and_nothing_is_lost(
     assert final.status != "PAUSED"
     kinds = [f.kind for f in facts if isinstance(f, Fact)]
     assert (kinds.count("run.paused"), kinds.count("run.resumed")) == (1, 1)
+
+
+async def test_published_effects_leave_the_stored_outbox(nats_url: str, ns: Namespace) -> None:
+    # Each input's effects are published (every PubAck back) before the next input of
+    # the run comes: the next write drops that entry, so the stored run keeps only
+    # the newest input's effects, and an old input redelivered re-publishes nothing.
+    async with dispatchers(nats_url, ns) as (bus, (dispatcher,)):
+        await bus.publish(ns.event("ComplaintLogged"), Event(id="e1", name="ComplaintLogged"))
+        runs = await RunStore.open(bus)
+        run_id = (await eventually(runs.run_ids, what="run started"))[0]
+        commands = [
+            ("pause", PauseRun(id="pause-1", run=run_id, by="sup", reason="call")),
+            ("resume", ResumeRun(id="resume-1", run=run_id, by="sup", reason="back")),
+            ("pause", PauseRun(id="pause-2", run=run_id, by="sup", reason="again")),
+        ]
+        for verb, command in commands:
+            # The previous input's effects are out (the dispatcher knows it) before this one.
+            last = (await runs.require(run_id)).run.applied[-1]
+            await eventually(
+                lambda last=last: last in dispatcher._published.get(run_id, ()),  # type: ignore[misc]
+                what=f"effects of {last} published",
+            )
+            await bus.publish(ns.command(verb), command)
+            await eventually(lambda c=command: _applied(runs, run_id, c.id), what=command.id)  # type: ignore[misc]
+        stored = (await runs.require(run_id)).run
+        await bus.js.publish(ns.command("pause"), encode(commands[0][1]))  # redelivered
+        await eventually(lambda: _consumed_commands(bus, ns, 4), what="redelivery consumed")
+        after = (await runs.require(run_id)).run
+        facts = await drain(bus, ns.audit_stream, ns.durable("ledger", "audit"), 50, AUDIT_TYPES)
+
+    assert [e.input for e in stored.outbox] == ["pause-2"]
+    assert after.applied == stored.applied
+    kinds = [f.kind for f in facts if isinstance(f, Fact)]
+    assert (kinds.count("run.paused"), kinds.count("run.resumed")) == (2, 1)
+
+
+async def _consumed_commands(bus: Bus, ns: Namespace, n: int) -> bool:
+    info = await bus.js.consumer_info(ns.commands_stream, ns.durable("dispatcher", "commands"))
+    return info.num_pending == 0 and info.num_ack_pending == 0 and info.delivered.stream_seq == n
 
 
 async def test_two_replicas_racing_on_one_run_lose_no_update(nats_url: str, ns: Namespace) -> None:

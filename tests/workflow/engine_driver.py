@@ -27,7 +27,7 @@ from hms_bus.messages import (
 )
 from hms_bus.workflow.engine import Transition, advance, start_run
 from hms_bus.workflow.model import Step, Workflow
-from hms_bus.workflow.state import RunState
+from hms_bus.workflow.state import ACTIVE_STEP, RunState
 
 T0 = datetime(2026, 11, 16, 14, 0, tzinfo=UTC)  # a Monday, 09:00 in New York
 RUN = "T-20261116-00001"
@@ -66,6 +66,10 @@ class Driver:
         transition = advance(self.wf, self.run, message, self.now)
         # As the dispatcher does: the state goes through JSON between two inputs.
         self.run = _decoder.decode(msgspec.json.encode(transition.run))
+        # The engine's index of active steps says what a scan of every step would.
+        assert self.run.active == [
+            s for s, st in self.run.steps.items() if st.status in ACTIVE_STEP
+        ], self.run.active
         self.last = transition.effects
         self.effects.extend(transition.effects)
         return transition

@@ -86,6 +86,43 @@ def test_the_outbox_keeps_recent_inputs_and_always_the_latest() -> None:
     assert gone.effects == ()  # applied, but its effects are no longer kept
 
 
+def test_a_published_input_leaves_the_outbox_and_others_stay() -> None:
+    d = Driver(WF)
+    d.at(minutes=1).progress("a")
+    assert [e.input for e in d.run.outbox] == ["start", "p-1"]
+    # The caller published p-1's effects (every PubAck back): the next write drops it.
+    message = done(f"{RUN}/a/1", "a", id="c-3")
+    after = advance(WF, d.run, message, d.now, published=["p-1"])
+    assert [e.input for e in after.run.outbox] == ["start", "c-3"]
+    # A redelivered input whose effects are out re-publishes nothing, and changes nothing.
+    progress = TaskProgress(id="p-1", run=RUN, task="", step="a", attempt=1, by="w")
+    again = advance(WF, after.run, progress, d.now)
+    assert again.duplicate
+    assert again.run is after.run
+    assert again.effects == ()
+    # One that nobody confirmed still gives back its effects, exactly as first produced.
+    redelivered = advance(WF, after.run, message, d.now + timedelta(seconds=30))
+    assert redelivered.duplicate
+    assert redelivered.run is after.run
+    assert msgspec.json.encode(redelivered.effects) == msgspec.json.encode(after.effects)
+
+
+def test_confirming_inputs_keeps_a_sequential_run_to_one_outbox_entry() -> None:
+    d = Driver(WF)
+    previous = d.run.applied[-1]
+    for step in ("a", "b"):
+        for message in (
+            TaskProgress(id=f"p-{step}", run=RUN, task=f"{RUN}/{step}/1", step=step,
+                         attempt=1, by="w"),
+            done(f"{RUN}/{step}/1", step, id=f"c-{step}"),
+        ):  # fmt: skip
+            transition = advance(WF, d.run, message, d.now, published=[previous])
+            d.run = transition.run
+            previous = message.id
+            assert [e.input for e in d.run.outbox] == [message.id]
+    assert d.run.status == "DONE"
+
+
 def test_a_start_with_the_same_key_is_a_duplicate_of_the_start() -> None:
     d = Driver(WF)
     again = StartRun(id="other-msg", workflow="t", key="key-1", payload={})

@@ -57,7 +57,7 @@ from hms_bus.workflow.model import (
     WaitStep,
     Workflow,
 )
-from hms_bus.workflow.state import RunState
+from hms_bus.workflow.state import ACTIVE_STEP, RunState
 from tests.workflow.engine_driver import RUN, Driver
 
 _decoder = msgspec.json.Decoder(RunState)
@@ -212,6 +212,8 @@ def deliver(d: Driver, world: World, message: Input, hours: float) -> None:
     world.delivered.append(message)
     run = _decoder.decode(msgspec.json.encode(transition.run))
     assert run == transition.run
+    # The engine's index of active steps says what a scan of every step would.
+    assert run.active == [s for s, st in run.steps.items() if st.status in ACTIVE_STEP]
     world.observe(d.wf, run, transition.effects)
     d.run = run
     again = advance(d.wf, run, message, d.now)

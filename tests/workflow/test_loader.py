@@ -146,6 +146,103 @@ def test_cycle_in_needs() -> None:
     assert p.message.startswith("needs cycle: a -> b -> a")
 
 
+def test_a_next_back_to_an_earlier_step_is_a_loop() -> None:
+    text = steps(
+        """\
+          - id: intake
+            actor: AI:x
+          - id: check
+            actor: SVC:y
+          - id: review
+            actor: HUMAN:clerk
+            next: check
+        """
+    )
+    p = only(text)
+    assert at(p) == (10, 11)  # the value of review's `next`
+    assert p.message.startswith(
+        "flow loops: check -> review -> check ('review' goes back to 'check' with 'next')"
+    )
+
+
+def test_a_loop_of_next_and_a_switch_case_names_every_step() -> None:
+    text = steps(
+        """\
+          - id: a
+            actor: AI:x
+            next: c
+          - id: b
+            actor: AI:x
+            next: end
+          - id: c
+            type: switch
+            expr: payload.again
+            cases: {redo: a, ok: b}
+        """
+    )
+    p = only(text)
+    assert at(p) == (13, 19)  # the target of case `redo`
+    assert p.message.startswith("flow loops: a -> c -> a ('c' goes back to 'a' with case 'redo')")
+
+
+def test_an_on_failure_back_to_an_earlier_step_is_a_loop() -> None:
+    text = steps(
+        """\
+          - id: a
+            actor: AI:x
+          - id: b
+            actor: AI:x
+            on_failure: a
+        """
+    )
+    p = only(text)
+    assert at(p) == (8, 17)
+    assert "'b' goes back to 'a' with 'on_failure'" in p.message
+
+
+def test_every_loop_of_a_file_is_reported_once() -> None:
+    text = steps(
+        """\
+          - id: a
+            actor: AI:x
+          - id: b
+            actor: AI:x
+            next: a
+          - id: c
+            actor: AI:x
+            needs: []
+          - id: d
+            actor: AI:x
+            next: c
+        """
+    )
+    found = problems(text)
+    assert [(at(p), p.message.split(" (")[0]) for p in found] == [
+        ((8, 11), "flow loops: a -> b -> a"),
+        ((14, 11), "flow loops: c -> d -> c"),
+    ]
+
+
+def test_forward_routes_that_meet_again_are_no_loop() -> None:
+    text = steps(
+        """\
+          - id: a
+            type: switch
+            expr: payload.kind
+            cases: {x: b, y: c}
+          - id: b
+            actor: AI:x
+            next: d
+          - id: c
+            actor: AI:x
+            on_failure: d
+          - id: d
+            actor: AI:x
+        """
+    )
+    assert problems(text) == []
+
+
 def test_unreachable_step_after_next_end() -> None:
     text = HEAD + "  - id: a\n    actor: AI:x\n    next: end\n  - id: lost\n    actor: AI:y\n"
     p = only(text)
