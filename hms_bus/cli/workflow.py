@@ -33,11 +33,19 @@ def validate(
 @app.command("simulate")
 @handle_errors
 def simulate(
+    ctx: typer.Context,
     file: Path = typer.Argument(..., help="workflow YAML file"),
-    script: Path = typer.Option(..., "--script", "-s", help="simulation script (YAML)"),
+    script: Path | None = typer.Option(None, "--script", "-s", help="simulation script (YAML)"),
+    replay: str | None = typer.Option(
+        None, "--replay", help="a recorded run (from the ledger) to replay against FILE"
+    ),
 ) -> None:
     """Run one workflow in virtual time, with no server, as the script says; print
-    the timeline. Exit 1 when the script's `expect:` block is not met."""
+    the timeline. Exit 1 when the script's `expect:` block is not met.
+
+    With `--replay RUN` instead of a script: re-run a recorded run's inputs (read
+    from the ledger) against FILE, another version of its workflow, and show where
+    the outcome differs; exit 1 when it does."""
     from hms_bus.workflow.loader import WorkflowError, load_workflow
     from hms_bus.workflow.simulate import ScriptError, load_script
     from hms_bus.workflow.simulate import simulate as run_simulation
@@ -48,6 +56,14 @@ def simulate(
         for problem in exc.problems:
             typer.echo(str(problem), err=True)
         raise typer.Exit(2) from None
+    if (script is None) == (replay is None):
+        raise fail_usage("give either --script FILE or --replay RUN")
+    if replay is not None:
+        from hms_bus.cli.ledger import replay_run
+
+        replay_run(ctx, definition, replay)
+        return
+    assert script is not None
     try:
         loaded = load_script(script)
     except ScriptError as exc:

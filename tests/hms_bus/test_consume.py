@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -243,7 +244,7 @@ async def test_loop_survives_a_server_kill_and_restart(
 
             for n in range(50, 100):
                 await eventually(
-                    lambda n=n: publish_after_restart(n),
+                    functools.partial(publish_after_restart, n),
                     timeout=20.0,
                     retry_on=(Exception,),
                     what=f"publish {n} after restart",
@@ -261,7 +262,8 @@ async def test_oversized_publish_is_refused_with_a_clear_error(
 ) -> None:
     async with bus_for(nats_url, ns) as bus:
         big = Event(id="big", name="ComplaintLogged", payload={"blob": "x" * size})
-        with pytest.raises(PermanentError, match=r"over the configured limit of 1048576 bytes"):
+        limit = BusSettings().max_payload
+        with pytest.raises(PermanentError, match=rf"over the configured limit of {limit} bytes"):
             await bus.publish(ns.event("ComplaintLogged"), big)
 
 
@@ -325,3 +327,69 @@ async def test_stop_settles_everything_the_open_pulls_deliver(nats_url: str, ns:
     assert info.num_ack_pending == 0  # nothing pulled was left unacknowledged
     assert len(handled) == len(set(handled)) == loop.statistics().acked
     assert len(handled) + info.num_pending == 300
+
+
+async def test_a_batch_handler_settles_each_message_by_its_own_outcome(
+    nats_url: str, ns: Namespace
+) -> None:
+    """Batch mode: what comes in within the linger is handed over at once; each
+    message is then acked, nak'd (redelivered) or dead-lettered by its own outcome,
+    and an undecodable one is dead-lettered without reaching the handler."""
+    batches: list[list[str]] = []
+
+    async def handler(batch: list[tuple[Event, Msg]]) -> list[Exception | None]:
+        batches.append([evt.id for evt, _ in batch])
+        outcomes: list[Exception | None] = []
+        for evt, msg in batch:
+            if evt.id == "evt-2":
+                outcomes.append(PermanentError("evt-2 is refused"))
+            elif evt.id == "evt-3" and msg.metadata.num_delivered == 1:
+                outcomes.append(RetryLater("evt-3 later", delay=0.05))
+            else:
+                outcomes.append(None)
+        return outcomes
+
+    async with bus_for(nats_url, ns) as bus:
+        loop = ConsumeLoop(
+            bus,
+            stream=ns.events_stream,
+            durable=ns.durable("dispatcher", "events"),
+            decoder=decoder_for(Event).decode,
+            batch_handler=handler,
+            linger=0.2,
+        )
+        # All there before the loop starts: its first pull brings them together.
+        await bus.publish_all((ns.event("ComplaintLogged"), event(n)) for n in (1, 2, 3))
+        await bus.js.publish(ns.event("ComplaintLogged"), b"\x00not json{")
+        await bus.publish(ns.event("ComplaintLogged"), event(4))
+        async with running(loop):
+            await eventually(lambda: loop.statistics().acked == 3, what="1, 3 and 4 acked")
+            dead = [await next_dead_letter(bus, ns, n) for n in range(2)]
+            info = await bus.js.consumer_info(ns.events_stream, loop.durable)
+
+    assert batches[0] == ["evt-1", "evt-2", "evt-3", "evt-4"]  # one hand-over, in order
+    assert batches[1:] == [["evt-3"]]  # redelivered alone
+    reasons = sorted((d.headers or {})[DLQ_REASON] for d in dead)
+    assert reasons[0] == "evt-2 is refused"
+    assert reasons[1].startswith("undecodable")
+    stats = loop.statistics()
+    assert (stats.handled, stats.acked, stats.nakd, stats.dead_lettered) == (6, 3, 1, 2)
+    assert (info.num_ack_pending, info.num_pending) == (0, 0)
+
+
+def test_a_loop_takes_a_handler_or_a_batch_handler() -> None:
+    async def batch_handler(batch: list[tuple[Event, Msg]]) -> list[Exception | None]:
+        return [None] * len(batch)
+
+    async def handler(evt: Event, msg: Msg) -> None:
+        pass
+
+    with pytest.raises(TypeError, match="exactly one"):
+        ConsumeLoop(
+            None,  # type: ignore[arg-type]  # refused before the bus is touched
+            stream="s",
+            durable="d",
+            decoder=decoder_for(Event).decode,
+            batch_handler=batch_handler,
+            handler=handler,
+        )
