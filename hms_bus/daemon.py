@@ -97,7 +97,7 @@ class Daemon:
 
     async def _run(self, task_status: TaskStatus[None]) -> None:
         s = self.settings
-        server = serve_metrics(self.metrics, s.daemon.metrics_port)
+        server = serve_metrics(self.metrics, s.daemon.metrics_port, s.daemon.metrics_addr)
         self.metrics_port = server.server_port if server else None
         try:
             async with open_bus(s.nats, s.bus, f"{self.name}@{self.instance}", wait=30.0) as bus:
@@ -125,6 +125,7 @@ class Daemon:
 
             await tg.start(run_actors)
             tg.start_soon(self._beat, bus)
+            tg.start_soon(self._watch_bus, bus)
             self._ready = True
             log.info(
                 "%s ready: %s", self.name, ", ".join(a.name for a in self._actors) or "no actors"
@@ -172,6 +173,26 @@ class Daemon:
                     self.metrics.heartbeats.labels(actor.name).inc()
             except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
                 log.warning("heartbeat failed: %s", exc)
+            await anyio.sleep(self.settings.daemon.heartbeat_seconds)
+
+    async def _watch_bus(self, bus: Bus) -> None:
+        """Every heartbeat period: connection state, reconnects, and the backlog of each
+        durable this process consumes, as the server counts it (one request each)."""
+        m = self.metrics
+        seen_reconnects = bus.nc.stats["reconnects"]
+        while True:
+            m.connected.labels(self.name).set(1 if bus.connected else 0)
+            reconnects = bus.nc.stats["reconnects"]
+            if reconnects > seen_reconnects:
+                m.reconnects.labels(self.name).inc(reconnects - seen_reconnects)
+                seen_reconnects = reconnects
+            for stream, durable in sorted(m.consumers):
+                try:
+                    info = await bus.js.consumer_info(stream, durable)
+                except (nats.errors.Error, nats.js.errors.Error, OSError, TimeoutError) as exc:
+                    log.debug("consumer info %s/%s: %s", stream, durable, exc)
+                    continue
+                m.set_pending(durable, info.num_pending or 0, info.num_ack_pending or 0)
             await anyio.sleep(self.settings.daemon.heartbeat_seconds)
 
 
