@@ -1,8 +1,8 @@
 """End-to-end benchmark: runs through the real actors, as processes, on this machine.
 
 Starts its own nats-server (temp store, random port), the actors as processes
-(`hms actor run dispatcher`, `hms actor run router`: the SLA timer and the ledger do
-not exist yet, so they are not run) and one worker process (`hms worker run`, a no-op
+(`hms actor run <name>` for each of the four: dispatcher, router, sla-timer, ledger;
+they share the machine's two cores with the server and the worker) and one worker process (`hms worker run`, a no-op
 task function on one SVC lane), then measures:
 
 1. the raw limit, with the same client library: a bare JetStream work round trip
@@ -64,6 +64,8 @@ from hms_bus.workflow.loader import load_workflow_text
 ROOT = "bench"
 LANE = "SVC:bench"
 CONCURRENCY = 256
+#: Every actor of the system, each as its own process (`actors.REGISTRY`).
+ACTORS = ("dispatcher", "router", "sla-timer", "ledger")
 REPO = Path(__file__).resolve().parents[1]
 HMS = Path(sys.executable).parent / "hms"
 STEPS_TARGET = 0.25  # hms-bus steps/s as a share of raw round trips/s
@@ -290,7 +292,7 @@ async def raw_round_trip(
             config=pull("producer"),
         )
         fetch = functools.partial(results.fetch, 1000)
-    worker = _spawn(
+    worker = spawn(
         [sys.executable, __file__, "--raw-worker", url, stream, how],
         logs / f"raw-{how}-{rep}.log",
         ready=True,
@@ -322,7 +324,7 @@ async def raw_round_trip(
         await producer
         print(f"    raw ({how}) CPU ms per round trip: {cpu.per_step(before, n)}")
     finally:
-        _stop(worker)
+        terminate(worker)
         # Not drain(): the results consumer's lingering pull would hold it to its timeout.
         await nc.flush()
         await nc.close()
@@ -356,7 +358,7 @@ def _profiled(args: argparse.Namespace, name: str) -> list[str]:
 _LOGS: dict[int, Path] = {}
 
 
-def _spawn(
+def spawn(
     cmd: list[str], log: Path, *, env: dict[str, str] | None = None, ready: bool = False
 ) -> subprocess.Popen[bytes]:
     out = log.open("ab")
@@ -375,12 +377,12 @@ def _spawn(
         assert proc.stdout is not None
         line = proc.stdout.readline()
         if b"ready" not in line:
-            _stop(proc)
+            terminate(proc)
             raise SystemExit(f"{cmd[1:]} did not start (log {log})")
     return proc
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def terminate(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -390,7 +392,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-async def _until_ready(
+async def until_ready(
     bus: Bus, actors: Sequence[subprocess.Popen[bytes]], worker: subprocess.Popen[bytes]
 ) -> None:
     health = await bus.js.key_value(bus.ns.health_bucket)
@@ -449,7 +451,7 @@ def _median(xs: Sequence[float]) -> float:
     return statistics.median(xs)
 
 
-def _percentiles(seconds: Sequence[float]) -> tuple[float, float]:
+def percentiles(seconds: Sequence[float]) -> tuple[float, float]:
     """p50 and p99 in milliseconds."""
     ms = sorted(x * 1000 for x in seconds)
     return statistics.median(ms), ms[min(len(ms) - 1, int(len(ms) * 0.99))]
@@ -468,21 +470,21 @@ async def bench(args: argparse.Namespace, server: NatsServer, logs: Path) -> Non
         for text in (ONE, FIVE):
             await client.apply_workflow(load_workflow_text(text))
         actors = [
-            _spawn(
+            spawn(
                 [*_profiled(args, a), "actor", "run", a, "--no-ensure"], logs / f"{a}.log", env=env
             )
-            for a in ("dispatcher", "router")
+            for a in ACTORS
         ]
-        worker = _spawn(
+        worker = spawn(
             [*_profiled(args, "worker"), "worker", "run", "bench.e2e_bench:noop", "--no-ensure"],
             logs / "worker.log",
             env=env,
         )
         try:
-            await _until_ready(bus, actors, worker)
+            await until_ready(bus, actors, worker)
             print(
-                "  actors as processes: dispatcher, router (sla-timer and ledger are not "
-                f"implemented yet); 1 worker process, {LANE} concurrency {CONCURRENCY}"
+                f"  actors as processes: {', '.join(ACTORS)}; 1 worker process, "
+                f"{LANE} concurrency {CONCURRENCY}"
             )
             finish = Finish()
             async with anyio.create_task_group() as tg:
@@ -491,8 +493,7 @@ async def bench(args: argparse.Namespace, server: NatsServer, logs: Path) -> Non
 
                 cpu = CpuMeter(
                     {
-                        "dispatcher": actors[0].pid,
-                        "router": actors[1].pid,
+                        **{a: proc.pid for a, proc in zip(ACTORS, actors, strict=True)},
                         "worker": worker.pid,
                         "nats-server": server.pid or 0,
                         "bench": os.getpid(),
@@ -546,7 +547,7 @@ async def bench(args: argparse.Namespace, server: NatsServer, logs: Path) -> Non
                 tg.cancel_scope.cancel()
         finally:
             for proc in [worker, *actors]:
-                _stop(proc)
+                terminate(proc)
     report(args, raw, raw_pull, one, five, lat, light)
 
 
@@ -563,8 +564,8 @@ def report(
     pull_rate = _median(raw_pull)
     one_runs = args.one / _median(one)
     five_runs = args.five / _median(five)
-    p50, p99 = _percentiles(lat)
-    light_p50, light_p99 = _percentiles(light)
+    p50, p99 = percentiles(lat)
+    light_p50, light_p99 = percentiles(light)
     rows = [
         (
             f"raw JetStream round trip, N={args.raw}",

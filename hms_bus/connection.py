@@ -26,16 +26,18 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 import msgspec
 import nats
 import nats.errors
 import nats.js.errors
+import nkeys  # type: ignore[import-untyped]
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
 
-from hms_bus.errors import HmsError, PermanentError
+from hms_bus.errors import ConfigError, HmsError, PermanentError
 from hms_bus.messages import Message, encode
 from hms_bus.settings import BusSettings, NatsSettings
 from hms_bus.subjects import Namespace
@@ -235,6 +237,18 @@ def _tls_context(settings: NatsSettings) -> ssl.SSLContext | None:
     return ctx
 
 
+def _credentials_hint(settings: NatsSettings) -> str:
+    if settings.creds_file is not None:
+        return f"credentials file {settings.creds_file} from HMS_NATS_CREDS"
+    if settings.nkey_seed_file is not None:
+        return f"nkey seed {settings.nkey_seed_file} from HMS_NATS_NKEY"
+    if settings.user is not None:
+        return f"user {settings.user!r} from HMS_NATS_USER/HMS_NATS_PASSWORD"
+    return (
+        "no credentials given: set HMS_NATS_USER/HMS_NATS_PASSWORD, HMS_NATS_CREDS or HMS_NATS_NKEY"
+    )
+
+
 def connect_options(settings: NatsSettings, name: str) -> dict[str, Any]:
     """The keyword arguments for `nats.connect`, from settings."""
     opts: dict[str, Any] = {
@@ -272,10 +286,13 @@ async def open_nats(
     """
     closing = False
     connected = False
+    first_error: list[str] = []  # why the first connect failed, said by the server
 
     async def on_error(exc: Exception) -> None:
         # Permission denials arrive here, not as exceptions on publish (NATS-NOTES).
         # Failures of the first connect are reported once, by ConnectError.
+        if not connected and isinstance(exc, nats.errors.Error | ssl.SSLError) and str(exc):
+            first_error[:] = [str(exc)]
         log.log(logging.WARNING if connected else logging.DEBUG, "nats %s: %s", name, exc)
 
     async def on_disconnect() -> None:
@@ -289,16 +306,37 @@ async def open_nats(
     # nats-py applies max_reconnect_attempts to the first connect too (and -1 means
     # forever): bound the first connect here, and lift the bound once connected.
     options["max_reconnect_attempts"] = max(1, int(wait / options["reconnect_time_wait"]))
+    where = ", ".join(settings.urls)
+    nc = Client()
+    # A failed TLS handshake can leave nats-py's connect loop waiting forever on the
+    # broken transport: bound the first connect, then report what error_cb saw.
+    limit = wait + 2 * options["connect_timeout"] + 1.0
     try:
-        nc = await nats.connect(
-            **options,
-            error_cb=on_error,
-            disconnected_cb=on_disconnect,
-            reconnected_cb=on_reconnect,
-        )
-    except (nats.errors.NoServersError, OSError, TimeoutError) as exc:
+        try:
+            async with asyncio.timeout(limit):
+                await nc.connect(
+                    **options,
+                    error_cb=on_error,
+                    disconnected_cb=on_disconnect,
+                    reconnected_cb=on_reconnect,
+                )
+        except TimeoutError:
+            closing = True
+            with anyio.CancelScope(shield=True):
+                await nc.close()
+            raise
+    except (nats.errors.Error, OSError, TimeoutError) as exc:
+        # The server's reason (an authorization violation, a TLS failure) reaches
+        # error_cb; nats-py then only says "no servers available".
+        why = first_error[0] if first_error else str(exc) or type(exc).__name__
+        if "authorization" in why.lower() or "authentication" in why.lower():
+            why += f" ({_credentials_hint(settings)})"
+        raise ConnectError(f"cannot reach NATS at {where}: {why}") from None
+    except (nkeys.NkeysError, ValueError) as exc:  # a seed or creds file that holds no key
+        setting = "HMS_NATS_CREDS" if settings.creds_file else "HMS_NATS_NKEY"
         raise ConnectError(
-            f"cannot reach NATS at {', '.join(settings.urls)}: {exc or type(exc).__name__}"
+            f"{setting}: cannot sign in with "
+            f"{settings.creds_file or settings.nkey_seed_file}: {exc or type(exc).__name__}"
         ) from None
     connected = True
     nc.options["max_reconnect_attempts"] = -1
@@ -322,4 +360,12 @@ async def open_bus(
 ) -> AsyncIterator[Bus]:
     """Connect, yield a `Bus`, drain on exit. `name` says which actor or tool it is."""
     async with open_nats(nats_settings, name, wait=wait) as nc:
+        if bus_settings.max_payload > nc.max_payload:
+            # Otherwise a message between the two limits passes our check and is then
+            # refused by the client library with a less helpful error.
+            raise ConfigError(
+                "HMS_MAX_PAYLOAD",
+                f"{bus_settings.max_payload} bytes is above the server's max_payload of "
+                f"{nc.max_payload} bytes; lower it, or raise the server's max_payload",
+            )
         yield Bus(nc=nc, js=nc.jetstream(), ns=bus_settings.ns, settings=bus_settings, name=name)

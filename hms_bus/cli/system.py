@@ -1,5 +1,9 @@
 """Running the system: `hms server`, `hms up`, `hms actor run`, `hms check`,
-`hms topology ensure`."""
+`hms topology ensure`.
+
+`hms up --cluster 3` is the cluster on a laptop: three servers of the bundled binary
+routed to each other on loopback, every stream and bucket with three replicas, and
+every actor in this process; SIGTERM or Ctrl-C stops the actors, then the servers."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import sys
 from pathlib import Path
 
 import anyio
+import msgspec
 import typer
 
 from actors import REGISTRY
@@ -19,6 +24,7 @@ from hms_bus.cli.common import (
     run_async,
     settings_of,
 )
+from hms_bus.cluster import NatsCluster
 from hms_bus.connection import open_bus
 from hms_bus.daemon import ActorFactory, Daemon
 from hms_bus.health import check
@@ -87,12 +93,21 @@ def up(
     auto_clerk: bool = typer.Option(
         False, "--auto-clerk", help="with --demo: a demo clerk answers human tasks"
     ),
+    cluster: int | None = typer.Option(
+        None,
+        "--cluster",
+        help="start a local JetStream cluster of 3 or 5 servers (random loopback ports) "
+        "and replicate every stream and bucket on it",
+    ),
 ) -> None:
     """Run the whole system until Ctrl-C: the embedded NATS server (unless
     HMS_NATS_URL is set), the topology, every actor, and with --demo the demo."""
     daemon_logging(ctx)
     settings = settings_of(ctx)
     factories = list(REGISTRY.values())
+    if cluster is not None:
+        _up_cluster(settings, cluster, factories, demo, auto_clerk)
+        return
     if settings.nats.explicit:
         typer.echo(f"using NATS at {', '.join(settings.nats.urls)}")
         run_async(_run_daemon, settings, factories, "hms-up", demo, auto_clerk)
@@ -108,6 +123,32 @@ def up(
             data_dir=settings.data_dir,
         )
         run_async(_run_daemon, embedded, factories, "hms-up", demo, auto_clerk)
+
+
+def _up_cluster(
+    settings: Settings, size: int, factories: list[ActorFactory], demo: bool, auto_clerk: bool
+) -> None:
+    """`hms up --cluster N`: N servers from the bundled binary on loopback, replicas N
+    (HMS_REPLICAS=3 on 5 servers is kept), every actor in this process; all stopped
+    on exit."""
+    if size not in (3, 5):
+        raise fail_usage(f"--cluster {size}: use 3 or 5 servers (a quorum needs an odd count)")
+    if settings.nats.explicit:
+        raise fail_usage(
+            "--cluster starts its own servers: unset HMS_NATS_URL (or drop --url) to use it"
+        )
+    replicas = settings.bus.replicas if 1 < settings.bus.replicas <= size else size
+    base = (settings.data_dir / "cluster").resolve()
+    with NatsCluster(base, size=size, name="hms") as nodes:
+        urls = ",".join(nodes.urls)
+        typer.echo(f"nats cluster of {size} listening on {urls} (stores under {base})")
+        typer.echo(f"  other terminals: export HMS_NATS_URL={urls} HMS_REPLICAS={replicas}")
+        local = msgspec.structs.replace(
+            settings,
+            nats=msgspec.structs.replace(settings.nats, urls=tuple(nodes.urls), explicit=True),
+            bus=msgspec.structs.replace(settings.bus, replicas=replicas),
+        )
+        run_async(_run_daemon, local, factories, "hms-up", demo, auto_clerk)
 
 
 async def _run_daemon(
