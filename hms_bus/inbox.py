@@ -29,6 +29,7 @@ import nats.js.errors
 from nats.js.kv import KeyValue
 
 from hms_bus.errors import HmsError, NotFoundError
+from hms_bus.keys import snapshot
 from hms_bus.messages import Task
 from hms_bus.routing import key_token
 from hms_bus.subjects import Lane
@@ -102,18 +103,12 @@ async def place(kv: KeyValue, task: Task, *, now: Now = _utcnow) -> bool:
 
 
 async def _scan(kv: KeyValue, pattern: str) -> list[InboxEntry]:
-    """Every live item whose key matches `pattern`, read with one ordered watch."""
-    watcher = await kv.watch(pattern, ignore_deletes=True)
-    out: list[InboxEntry] = []
-    try:
-        async for entry in watcher:
-            if entry is None:  # the end of what is stored now
-                break
-            if entry.value and entry.revision is not None:
-                out.append(InboxEntry(entry.key, entry.revision, _decoder.decode(entry.value)))
-    finally:
-        await watcher.stop()  # type: ignore[no-untyped-call]
-    return out
+    """Every live item whose key matches `pattern`, read in one snapshot."""
+    return [
+        InboxEntry(e.key, e.revision, _decoder.decode(e.value))
+        for e in await snapshot(kv, pattern)
+        if e.value
+    ]
 
 
 async def list_items(kv: KeyValue, lane: Lane | None = None) -> list[InboxEntry]:

@@ -1,26 +1,78 @@
-"""Listing KV keys by subject pattern, filtered by the server.
+"""Reading what a KV bucket holds now: the live keys (and values) matching a pattern.
 
-nats-py's `KeyValue.keys(filters=...)` fetches every key and then keeps those that
-*contain* a filter as a substring, so `run.>` matches nothing and a large bucket is
-read whole. `list_keys(kv, "run.>")` asks the server for that pattern only.
+Why not nats-py's own tools:
+- `KeyValue.keys(filters=...)` fetches every key and then keeps those that *contain*
+  a filter as a substring, so `run.>` matches nothing and a large bucket is read whole.
+- `KeyValue.watch()` signals "everything current was delivered" with a `None` marker
+  that it puts first when the consumer reports nothing pending and the client has not
+  received anything yet. Under load the server has often pushed every message already
+  (so nothing is pending) while the client has not processed one: the marker comes
+  first and the listing is empty. On a loaded 3-server cluster this made a dispatcher
+  believe no workflow was applied and dead-letter events.
+
+`snapshot` uses a pull consumer instead (last value per key, headers only for keys):
+nothing is delivered before it asks, so the consumer's pending count at creation is
+exactly what there is to read, and each message's own pending count says when the
+read is complete. The server filters by the pattern. Delete and purge markers are
+skipped. A key written while the snapshot is read may or may not be in it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.kv import KeyValue
 
-__all__ = ["list_keys"]
+__all__ = ["KvEntry", "list_keys", "snapshot"]
+
+#: The longest wait for one batch of a listing (the server answers at once when the
+#: messages are there; this bounds a listing against a server that went away).
+BATCH_TIMEOUT = 5.0
+_BATCH = 1000
+_OPERATION = "KV-Operation"
+_GONE = frozenset({"DEL", "PURGE"})
+
+
+@dataclass(frozen=True, slots=True)
+class KvEntry:
+    key: str
+    value: bytes
+    revision: int
+
+
+async def snapshot(kv: KeyValue, pattern: str = ">", *, values: bool = True) -> list[KvEntry]:
+    """The live entries whose keys match `pattern` (`run.>`, `HUMAN.investigator.*`),
+    in stream order; with `values=False` only keys and revisions (values are empty).
+
+    Raises `nats.errors.TimeoutError` if the server stops answering mid-way: a partial
+    listing is never returned as if it were whole."""
+    js, stream, prefix = kv._js, kv._stream, kv._pre
+    config = ConsumerConfig(
+        deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+        ack_policy=AckPolicy.NONE,
+        headers_only=not values,
+        inactive_threshold=10.0,
+        mem_storage=True,
+        num_replicas=1,
+    )
+    sub = await js.pull_subscribe(prefix + pattern, stream=stream, config=config)
+    try:
+        pending = (await sub.consumer_info()).num_pending or 0
+        found: list[KvEntry] = []
+        while pending > 0:
+            for msg in await sub.fetch(min(pending, _BATCH), timeout=BATCH_TIMEOUT):
+                meta = msg.metadata
+                pending = meta.num_pending
+                if msg.headers and msg.headers.get(_OPERATION) in _GONE:
+                    continue
+                key = msg.subject[len(prefix) :]
+                found.append(KvEntry(key, b"" if not values else msg.data, meta.sequence.stream))
+        return found
+    finally:
+        await sub.unsubscribe()
 
 
 async def list_keys(kv: KeyValue, pattern: str = ">") -> list[str]:
-    """Live keys matching `pattern` (`run.>`, `HUMAN.investigator.*`), sorted."""
-    watcher = await kv.watch(pattern, ignore_deletes=True, meta_only=True)
-    keys: list[str] = []
-    try:
-        async for entry in watcher:
-            if entry is None:  # the watcher's marker: everything current was delivered
-                break
-            keys.append(entry.key)
-    finally:
-        await watcher.stop()  # type: ignore[no-untyped-call]
-    return sorted(set(keys))
+    """Live keys matching `pattern`, sorted."""
+    return sorted({entry.key for entry in await snapshot(kv, pattern, values=False)})

@@ -20,6 +20,7 @@ import msgspec
 import nats.js.errors
 from nats.js.kv import KeyValue
 
+from hms_bus.keys import snapshot
 from hms_bus.routing import PARKED, Parked, decode_parked, encode, parked_key
 
 __all__ = ["ParkedEntry", "claim", "list_parked", "park", "unpark"]
@@ -43,20 +44,14 @@ async def park(kv: KeyValue, parked: Parked) -> bool:
 
 
 async def list_parked(kv: KeyValue) -> list[ParkedEntry]:
-    """Every parked request, oldest first, read with one ordered watch."""
-    watcher = await kv.watch(f"{PARKED}.>", ignore_deletes=True)
+    """Every parked request, oldest first, read in one snapshot."""
     out: list[ParkedEntry] = []
-    try:
-        async for entry in watcher:
-            if entry is None:  # the end of what is stored now
-                break
-            if entry.value and entry.revision is not None:
-                try:
-                    out.append(ParkedEntry(entry.key, entry.revision, decode_parked(entry.value)))
-                except msgspec.DecodeError as exc:
-                    log.warning("ignoring parked request %s: %s", entry.key, exc)
-    finally:
-        await watcher.stop()  # type: ignore[no-untyped-call]
+    for entry in await snapshot(kv, f"{PARKED}.>"):
+        if entry.value:
+            try:
+                out.append(ParkedEntry(entry.key, entry.revision, decode_parked(entry.value)))
+            except msgspec.DecodeError as exc:
+                log.warning("ignoring parked request %s: %s", entry.key, exc)
     return sorted(out, key=lambda e: e.parked.parked_at)
 
 

@@ -22,10 +22,9 @@ import socket
 from datetime import datetime
 
 import msgspec
-import nats.errors
-import nats.js.errors
 from nats.js.kv import KeyValue
 
+from hms_bus.keys import snapshot
 from hms_bus.subjects import Lane, check_token
 
 __all__ = [
@@ -89,32 +88,16 @@ async def remove_worker(kv: KeyValue, lane: Lane, instance: str) -> None:
 
 
 async def live_workers(kv: KeyValue, lane: Lane | None = None) -> list[WorkerInfo]:
-    """Every live worker (of one lane), sorted by lane then instance.
-
-    One watch delivers the last value of every key, so this costs one round trip,
-    not one per worker."""
+    """Every live worker (of one lane), sorted by lane then instance, read in one
+    snapshot (one consumer, not a round trip per worker)."""
     pattern = f"{lane.kind}.{lane.name}.*" if lane is not None else ">"
-    watcher = await kv.watch(pattern, ignore_deletes=True)
     found: list[WorkerInfo] = []
-    try:
-        while True:
-            try:
-                entry = await watcher.updates(timeout=5.0)  # type: ignore[no-untyped-call]
-            except nats.errors.TimeoutError:
-                log.warning("listing workers timed out; the list may be incomplete")
-                break
-            if entry is None:  # the watcher's "no more values" marker
-                break
-            if not entry.value:
-                continue
-            try:
-                found.append(_decoder.decode(entry.value))
-            except msgspec.DecodeError:
-                log.warning("worker key %s holds no WorkerInfo; ignored", entry.key)
-    finally:
+    for entry in await snapshot(kv, pattern):
+        if not entry.value:
+            continue
         try:
-            await watcher.stop()  # type: ignore[no-untyped-call]
-        except (nats.errors.Error, nats.js.errors.Error) as exc:
-            log.debug("stopping the workers watch: %s", exc)
+            found.append(_decoder.decode(entry.value))
+        except msgspec.DecodeError:
+            log.warning("worker key %s holds no WorkerInfo; ignored", entry.key)
     found.sort(key=lambda w: (w.lane, w.instance))
     return found

@@ -31,7 +31,7 @@ from hms_bus.demo.events import demo_event, run_key
 from hms_bus.demo.progress import decode_run, wait_run
 from hms_bus.health import live_heartbeats
 from hms_bus.lanes import lane_config
-from hms_bus.messages import Event
+from hms_bus.messages import Event, Fact
 from hms_bus.runs import RunStore
 from hms_bus.server import NatsServer
 from hms_bus.settings import BusSettings, NatsSettings
@@ -140,7 +140,13 @@ async def test_a_worker_killed_mid_task_has_it_redelivered_and_applied_once(
 
         done = await wait_run(runs_kv, run_id, lambda r: r.finished, timeout=30)
         assert done is not None, "the run did not finish after the redelivery"
-        facts = [f for f in await read_facts(bus) if f.run == run_id]
+
+        async def every_fact() -> list[Fact]:
+            # The dispatcher stores the state, then publishes its facts: wait for them.
+            facts = [f for f in await read_facts(bus) if f.run == run_id]
+            return facts if any(f.kind == "run.finished" for f in facts) else []
+
+        facts = await eventually(every_fact, timeout=20, what="the run's facts")
 
     assert done.status == "DONE"
     work = done.steps["work"]
