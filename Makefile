@@ -31,6 +31,9 @@ bench: $(STAMP)  ## benchmarks; print their figures
 	$(BIN)/python bench/engine_bench.py
 	$(BIN)/python bench/worker_bench.py
 	$(BIN)/python bench/e2e_bench.py
+	$(BIN)/python bench/cluster_bench.py
+	$(BIN)/python bench/timer_bench.py --schedules 200000
+	$(BIN)/python bench/ledger_bench.py
 
 clean:
 	rm -rf $(VENV) .hms .mypy_cache .pytest_cache .ruff_cache

@@ -9,7 +9,9 @@ an actor is listed here only once it exists.
 from __future__ import annotations
 
 from actors.dispatcher import Dispatcher
+from actors.ledger import Ledger
 from actors.router import Router
+from actors.sla_timer import SlaTimer
 from hms_bus.daemon import ActorFactory
 
 __all__ = ["REGISTRY"]
@@ -17,4 +19,6 @@ __all__ = ["REGISTRY"]
 REGISTRY: dict[str, ActorFactory] = {
     "dispatcher": Dispatcher,
     "router": Router,
+    "sla-timer": SlaTimer,
+    "ledger": Ledger,
 }

@@ -28,8 +28,11 @@ import msgspec
 import nats.js.errors
 from nats.js.kv import KeyValue
 
+from hms_bus import stats_report
 from hms_bus.connection import Bus, open_bus
 from hms_bus.errors import HmsError, NotFoundError
+from hms_bus.ledger import reader as ledger_reader
+from hms_bus.ledger.timeline import TimelineEntry
 from hms_bus.messages import (
     Approve,
     CancelRun,
@@ -45,6 +48,9 @@ from hms_bus.messages import (
 from hms_bus.registry import Applied, Registry
 from hms_bus.runs import RunStore, key_entry, run_entry
 from hms_bus.settings import Settings, load_settings
+from hms_bus.stats import workflow_key
+from hms_bus.stats_model import WorkflowStats
+from hms_bus.stats_report import MetricsReport, WorkflowMetrics
 from hms_bus.subjects import check_token
 from hms_bus.views import (
     RunStatusView,
@@ -67,6 +73,7 @@ __all__ = [
     "RunStatusView",
     "RunSummary",
     "StepView",
+    "TimelineEntry",
     "WaitTimeoutError",
     "WaitingOn",
     "WorkflowSummary",
@@ -441,6 +448,43 @@ class Client:
     async def workflow(self, workflow_id: str, version: int | None = None) -> Workflow:
         """A stored definition (the latest version by default); `NotFoundError` if none."""
         return await (await self._reg()).get(check_token(workflow_id, "workflow id"), version)
+
+    # -- the ledger ----------------------------------------------------------------------
+    async def timeline(self, run_id: str) -> list[TimelineEntry]:
+        """The run's history from the ledger, in order; `NotFoundError` if it has none."""
+        return await ledger_reader.run_timeline(self.bus, run_id)
+
+    async def case_timeline(self, case: str) -> list[TimelineEntry]:
+        """Every run sharing the case key, merged in time order; `NotFoundError` if none."""
+        run_ids = [r.run for r in await self.runs() if r.case == case]
+        if not run_ids:
+            raise NotFoundError(f"no run has case key {case!r}")
+        return await ledger_reader.timeline_of(self.bus, run_ids)
+
+    # -- business statistics (derived by the ledger) -----------------------------------
+    async def metrics_report(self, now: datetime | None = None) -> MetricsReport:
+        """Every workflow's, lane's and clerk's numbers; "today" is `now`'s UTC day."""
+        kv = await self._bucket(self.bus.ns.stats_bucket)
+        return stats_report.report(await stats_report.read_stats(kv), now)
+
+    async def metrics(self, workflow: str, now: datetime | None = None) -> WorkflowMetrics:
+        """One workflow's numbers (`avg_first_response_mins`, `sla_breaches` today, ...);
+        zeros for a workflow that has not run yet; `NotFoundError` for an unknown one."""
+        check_token(workflow, "workflow id")
+        at = now or datetime.now(UTC)
+        kv = await self._bucket(self.bus.ns.stats_bucket)
+        try:
+            entry = await kv.get(workflow_key(workflow))
+        except nats.js.errors.NotFoundError:
+            if workflow not in await (await self._reg()).workflow_ids():
+                raise NotFoundError(
+                    f"unknown workflow {workflow!r}: no statistics and no definition "
+                    "(`hms workflow list` shows the known ones)"
+                ) from None
+            return stats_report.workflow_metrics(WorkflowStats(workflow=workflow), at)
+        return stats_report.workflow_metrics(
+            msgspec.json.decode(entry.value or b"", type=WorkflowStats), at
+        )
 
 
 @asynccontextmanager

@@ -14,14 +14,16 @@ the CLI turns it into one line and exit code 2.
 | HMS_NATS_TLS_CA / _CERT / _KEY | nats.tls_ca / tls_cert / tls_key | - |
 | HMS_ROOT | bus.root | hms |
 | HMS_REPLICAS | bus.replicas (1, 3 or 5) | 1 |
-| HMS_MAX_PAYLOAD | bus.max_payload (bytes) | 1048576 |
+| HMS_MAX_PAYLOAD | bus.max_payload (bytes): largest event, command or result | 262144 |
 | HMS_METRICS_PORT | daemon.metrics_port (0: any free port, -1: off) | 9464, else any free port |
+| HMS_METRICS_ADDR | daemon.metrics_addr (the interface `/metrics` listens on; containers: 0.0.0.0) | 127.0.0.1 |
 | HMS_GRACE | daemon.grace_seconds | 10 |
 | HMS_DATA_DIR | data_dir (embedded server store) | .hms |
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -65,7 +67,10 @@ class BusSettings(msgspec.Struct, frozen=True, kw_only=True):
 
     root: str = "hms"
     replicas: int = 1
-    max_payload: int = 1024 * 1024
+    #: The largest event, command or result accepted (bytes). Below the server's
+    #: max_payload (1 MiB by default): what derives from inputs (a task, a run's
+    #: state holding its payload and results) must still fit in one message.
+    max_payload: int = 256 * 1024
 
     @property
     def ns(self) -> Namespace:
@@ -78,6 +83,8 @@ class DaemonSettings(msgspec.Struct, frozen=True, kw_only=True):
     #: None: 9464 when free, else any free port (so a worker can run beside `hms up`
     #: on a laptop); a configured port is used or the daemon refuses to start.
     metrics_port: int | None = None
+    #: Loopback unless told: a container sets 0.0.0.0 so that Prometheus reaches it.
+    metrics_addr: str = "127.0.0.1"
     grace_seconds: float = 10.0
     heartbeat_seconds: float = 5.0
 
@@ -107,6 +114,16 @@ def _float(field: str, raw: str, lo: float) -> float:
     if value < lo:
         raise ConfigError(field, f"{value} is below the minimum {lo}")
     return value
+
+
+def _addr(field: str, raw: str) -> str:
+    try:
+        ipaddress.ip_address(raw)
+    except ValueError:
+        raise ConfigError(
+            field, f"{raw!r} is not an IP address; expected e.g. 127.0.0.1, 0.0.0.0 or ::"
+        ) from None
+    return raw
 
 
 def _file(field: str, raw: str) -> Path:
@@ -185,6 +202,8 @@ def load_settings(
     daemon_kw: dict[str, object] = {}
     if (raw := get("HMS_METRICS_PORT")) is not None:
         daemon_kw["metrics_port"] = _int("HMS_METRICS_PORT", raw, -1, 65535)
+    if (raw := get("HMS_METRICS_ADDR")) is not None:
+        daemon_kw["metrics_addr"] = _addr("HMS_METRICS_ADDR", raw)
     if (raw := get("HMS_GRACE")) is not None:
         daemon_kw["grace_seconds"] = _float("HMS_GRACE", raw, 0.0)
 

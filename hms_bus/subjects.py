@@ -133,6 +133,12 @@ class Namespace:
     def result(self, lane: Lane) -> str:
         return f"{self.root}.result.{lane.kind}.{lane.name}"
 
+    def results_of_kind(self, kind: str) -> str:
+        """Results of every lane of one kind (`HUMAN`: what clerks may publish)."""
+        if kind not in ACTOR_KINDS:
+            raise InvalidNameError(f"actor kind {kind!r} is not one of {', '.join(ACTOR_KINDS)}")
+        return f"{self.root}.result.{kind}.>"
+
     @property
     def router_result(self) -> str:
         """Where the router reports what the dispatcher must know (unroutable, routed late)."""
@@ -159,6 +165,10 @@ class Namespace:
     def cancel(self, lane: Lane) -> str:
         """Core NATS (not stored): tells a lane's workers to stop work on a task."""
         return f"{self.root}.cancel.{lane.kind}.{lane.name}"
+
+    @property
+    def cancels_all(self) -> str:
+        return f"{self.root}.cancel.>"
 
     def timer(self, verb: str) -> str:
         """`arm`, `disarm` or `fired`."""
@@ -212,6 +222,10 @@ class Namespace:
         """All workers of a lane share one durable (a WorkQueue allows one per filter)."""
         return f"lane-{lane.kind}-{lane.name}"
 
+    def notifier_durable(self, channel_kind: str) -> str:
+        """All notifiers of a channel kind share one durable on the notify stream."""
+        return f"notifier-{check_token(channel_kind, 'channel kind')}"
+
     # -- key-value buckets -----------------------------------------------------
     def bucket(self, kind: str) -> str:
         return f"{self.root}_{check_token(kind, 'bucket kind')}"
@@ -243,6 +257,15 @@ class Namespace:
     @property
     def inbox_bucket(self) -> str:
         return self.bucket("inbox")
+
+    @property
+    def timer_leases_bucket(self) -> str:
+        return self.bucket("timer_leases")
+
+    @property
+    def timer_snapshots_bucket(self) -> str:
+        """An object store: one snapshot of armed timers per partition."""
+        return self.bucket("timer_snapshots")
 
     # -- keys ------------------------------------------------------------------
     # KV keys may contain `.`, which the server treats as a subject level: we use

@@ -9,6 +9,9 @@ asked for a change JetStream cannot apply in place (storage, retention) it raise
 
 Choices (see subjects.md for the table):
 - File storage everywhere; replicas from settings (1 embedded, 3 in a cluster).
+- Inputs from outside (events, commands, results) refuse messages over
+  `max_payload` (a client refuses them first, with a clearer error); the rest
+  is bounded by the server's max_payload, as run states outgrow any one input.
 - Inputs (events, commands, results, audit, notifications) keep a week under
   limits retention: redeliveries, replays and several readers all work.
 - Hand-offs with exactly one reader (route requests, lanes) are work queues:
@@ -68,6 +71,10 @@ class StreamSpec:
     description: str
     deny_delete: bool = False
     deny_purge: bool = False
+    #: Published from outside (portals, clients, workers): messages over
+    #: `max_payload` are refused. The other streams are bounded by the server's own
+    #: max_payload only, since what they carry grows from those inputs.
+    external: bool = False
 
 
 @dataclass(frozen=True)
@@ -119,6 +126,7 @@ def declare(ns: Namespace) -> Topology:
             "limits",
             week,
             "business events from portals; they start runs",
+            external=True,
         ),
         StreamSpec(
             "commands",
@@ -127,6 +135,7 @@ def declare(ns: Namespace) -> Topology:
             "limits",
             week,
             "operator and client commands to the dispatcher",
+            external=True,
         ),
         StreamSpec(
             "results",
@@ -135,6 +144,7 @@ def declare(ns: Namespace) -> Topology:
             "limits",
             week,
             "task results, failures and progress from workers",
+            external=True,
         ),
         StreamSpec(
             "route",
@@ -157,8 +167,8 @@ def declare(ns: Namespace) -> Topology:
             ns.timers_stream,
             (ns.timers_all,),
             "limits",
-            0,
-            "timer arm/disarm requests and firings",
+            week,
+            "timer arm/disarm requests and firings: the SLA timer's log, read from its latest snapshot",
         ),
         StreamSpec(
             "audit",
@@ -255,14 +265,6 @@ def declare(ns: Namespace) -> Topology:
             "router: lane tasks that exhausted their deliveries",
         ),
         ConsumerSpec(
-            ns.timers_stream,
-            ns.durable("sla-timer", "timers"),
-            (ns.timer("arm"), ns.timer("disarm")),
-            30.0,
-            5,
-            "SLA timer: arm/disarm",
-        ),
-        ConsumerSpec(
             ns.audit_stream,
             ns.durable("ledger", "audit"),
             (ns.audit_all,),
@@ -279,6 +281,13 @@ def declare(ns: Namespace) -> Topology:
         BucketSpec("health", ns.health_bucket, 1, 15.0, "actor heartbeats"),
         BucketSpec("stats", ns.stats_bucket, 1, 0, "statistics derived by the ledger"),
         BucketSpec("inbox", ns.inbox_bucket, 1, 0, "human tasks waiting for a clerk, with claims"),
+        BucketSpec(
+            "timer_leases",
+            ns.timer_leases_bucket,
+            1,
+            5.0,
+            "SLA timer: partition leases and live members",
+        ),
     )
     return Topology(streams, consumers, buckets)
 
@@ -295,7 +304,7 @@ def stream_config(spec: StreamSpec, settings: BusSettings) -> StreamConfig:
         storage=StorageType.FILE,
         num_replicas=settings.replicas,
         max_age=spec.max_age,
-        max_msg_size=settings.max_payload,
+        max_msg_size=settings.max_payload if spec.external else -1,
         duplicate_window=DUPLICATE_WINDOW,
         deny_delete=spec.deny_delete,
         deny_purge=spec.deny_purge,
@@ -443,7 +452,7 @@ async def _ensure_bucket(
         ttl=spec.ttl or None,
         storage=StorageType.FILE,
         replicas=settings.replicas,
-        max_value_size=settings.max_payload,
+        max_value_size=-1,  # a run's state outgrows any one input: the server's limit only
         direct=True,
     )
     stream = f"KV_{spec.name}"
@@ -457,7 +466,7 @@ async def _ensure_bucket(
         name=stream,
         num_replicas=settings.replicas,
         max_age=spec.ttl,
-        max_msg_size=settings.max_payload,
+        max_msg_size=-1,
         max_msgs_per_subject=spec.history,
         storage=StorageType.FILE,
         description=spec.description,

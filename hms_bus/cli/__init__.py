@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from hms_bus.cli import demo, routes, runs, system, tasks, workers, workflow
+from hms_bus.cli import demo, ledger, metrics, routes, runs, system, tasks, workers, workflow
 from hms_bus.cli.common import State, configure_logging
 
 __all__ = ["app", "main"]
@@ -84,6 +84,7 @@ def _root(
 system.register(app)
 demo.register(app)
 runs.register(app)  # hms approve / hms reject
+metrics.register(app)  # hms metrics
 runs.add_workflow_commands(workflow.app)  # hms workflow apply|list|show
 app.add_typer(workflow.app, name="workflow", help="Validate, simulate, apply and list workflows.")
 app.add_typer(runs.event_app, name="event", help="Publish business events.")
@@ -97,6 +98,7 @@ app.add_typer(
     routes.app, name="route", help="The routing table: lanes, canary weights, skills, backup pools."
 )
 app.add_typer(workers.app, name="worker", help="Run and list lane workers.")
+ledger.register(app, runs.run_app)  # hms run timeline, hms case, hms ledger
 
 
 def main() -> None:
