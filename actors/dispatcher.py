@@ -35,6 +35,7 @@ to the run id with a KV `create`, which only one replica can win.
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Iterable
 from typing import Any
 
@@ -216,7 +217,7 @@ class Dispatcher:
                 # Started before (a duplicate event, or a crash after the write).
                 await self._publish(outbox_effects(stored.run, command.id))
                 return
-        transition = start_run(workflow, command, run_id, now)
+        transition = start_run(workflow, command, run_id, now, salt=secrets.token_hex(16))
         try:
             revision = await self.runs.create(transition.run)
         except Conflict:

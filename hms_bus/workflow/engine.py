@@ -132,8 +132,11 @@ def _case(workflow: Workflow, command: StartRun, payload: dict[str, Any]) -> str
     return None if value is None else str(value)
 
 
-def start_run(workflow: Workflow, command: StartRun, run_id: str, now: datetime) -> Transition:
-    """Create run `run_id` (allocated by the dispatcher) and take its first steps."""
+def start_run(
+    workflow: Workflow, command: StartRun, run_id: str, now: datetime, *, salt: str = ""
+) -> Transition:
+    """Create run `run_id` (allocated by the dispatcher) and take its first steps;
+    `salt` (random, from the dispatcher) keys the hashes of sensitive values."""
     if command.workflow != workflow.id:
         raise PermanentError(f"StartRun is for workflow {command.workflow!r}, not {workflow.id!r}")
     if command.version is not None and command.version != workflow.version:
@@ -156,6 +159,7 @@ def start_run(workflow: Workflow, command: StartRun, run_id: str, now: datetime)
         started_by=command.by,
         steps=StepStates({s.id: StepState(status="WAITING") for s in workflow.steps}),
         clock=Clock() if workflow.sla is not None else None,
+        salt=salt,
     )
     tx = Txn(plan, run, command.id, now)
     tx.by = command.by
@@ -163,7 +167,7 @@ def start_run(workflow: Workflow, command: StartRun, run_id: str, now: datetime)
     data: dict[str, Any] = {
         "version": workflow.version,
         "key": command.key,
-        "payload": redact(command.payload, paths),
+        "payload": redact(command.payload, paths, salt),
     }
     if command.event is not None:
         data["event"] = command.event

@@ -391,6 +391,10 @@ class RunState(msgspec.Struct, omit_defaults=True, gc=False):
     `active` the ids of the steps whose status is active (`ACTIVE_STEP`), in file
     order, kept by the engine so that an input need not read every step's status
     (None in a run stored before it existed: then it is derived from `steps`).
+    `salt` keys the hashes that stand for `sensitive` values in facts (an HMAC, so the
+    ledger cannot be searched for a guessed value); it lives only here, so a run's
+    state deleted after its retention leaves those hashes unlinkable ("" in pure
+    simulations: then plain SHA-256).
     """
 
     run: str
@@ -420,6 +424,7 @@ class RunState(msgspec.Struct, omit_defaults=True, gc=False):
     applied: list[str] = []
     outbox: list[OutboxEntry] = []
     active: list[str] | None = None
+    salt: str = ""
 
     def __post_init__(self) -> None:
         # Decoded (or built) with plain dicts: wrap them (a copy of their entries).

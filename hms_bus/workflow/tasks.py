@@ -191,7 +191,7 @@ def complete_unit(tx: Txn, sid: str, index: int, output: dict[str, Any], by: str
     task.by = by
     u.status = "DONE"
     u.by = by
-    data: dict[str, Any] = {"output": redact(output, tx.plan.steps[sid].sensitive)}
+    data: dict[str, Any] = {"output": redact(output, tx.plan.steps[sid].sensitive, tx.run.salt)}
     if task.item is not None:
         data["item"] = task.item
     tx.fact("task.completed", sid, attempt=task.attempt, task=task.task, by=by, data=data)

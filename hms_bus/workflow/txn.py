@@ -19,6 +19,7 @@ routing and cancellation, which are named after the task (`<task>/route`,
 from __future__ import annotations
 
 import hashlib
+import hmac
 from collections import deque
 from collections.abc import Sequence
 from datetime import datetime, timedelta
@@ -366,13 +367,18 @@ class Txn:
         return {"payload": self.run.payload, "results": self.run.results, "run": self._scope}
 
 
-def _hash(value: Any) -> str:
-    return "sha256:" + hashlib.sha256(msgspec.json.encode(value)).hexdigest()
+def _hash(value: Any, salt: str) -> str:
+    data = msgspec.json.encode(value)
+    if not salt:
+        return "sha256:" + hashlib.sha256(data).hexdigest()
+    return "hmac-sha256:" + hmac.new(salt.encode(), data, hashlib.sha256).hexdigest()
 
 
-def redact(value: Any, paths: Sequence[Sequence[str]]) -> Any:
-    """`value` with each dotted path replaced by a hash of what it held (the workflow's
-    `sensitive` paths stay out of the ledger, yet equal values stay comparable)."""
+def redact(value: Any, paths: Sequence[Sequence[str]], salt: str = "") -> Any:
+    """`value` with each dotted path replaced by a hash of what it held: the workflow's
+    `sensitive` paths stay out of the ledger, yet equal values within a run stay
+    comparable. With the run's `salt` the hash is an HMAC, so a value cannot be
+    recovered from the ledger by hashing guesses (a 9-digit SSN takes seconds)."""
     if not paths or not isinstance(value, dict):
         return value
     out = dict(value)
@@ -380,5 +386,5 @@ def redact(value: Any, paths: Sequence[Sequence[str]]) -> Any:
         head, rest = path[0], path[1:]
         if head not in out:
             continue
-        out[head] = redact(out[head], [rest]) if rest else _hash(out[head])
+        out[head] = redact(out[head], [rest], salt) if rest else _hash(out[head], salt)
     return out

@@ -5,6 +5,7 @@ tasks were routed and why), and keeps the workflow's sensitive payload fields ou
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 from typer.testing import CliRunner
 
@@ -137,7 +139,9 @@ async def test_the_five_examples_leave_complete_verifiable_timelines(
         assert replayed.baseline.final.status == demo.expect, replayed.render()
         assert not replayed.notes, replayed.render()
     loan = timelines["loan-forgiveness"][0]
-    assert str(loan.data["payload"]["ssn"]).startswith("sha256:")
+    assert str(loan.data["payload"]["ssn"]).startswith("hmac-sha256:")  # keyed per run
+    for value in SENSITIVE:  # a guessed value hashed without the run's key finds nothing
+        assert hashlib.sha256(msgspec.json.encode(value)).hexdigest().encode() not in raw
     assert {e.example for e in DEMO_EVENTS} == set(timelines)
 
 

@@ -6,6 +6,7 @@ party, claims, reroutes, cancel, retry of a failed run, and the run state's JSON
 
 from __future__ import annotations
 
+import hashlib
 from datetime import date, timedelta
 
 import msgspec
@@ -18,6 +19,7 @@ from hms_bus.messages import (
     ClaimTask,
     DisarmTimer,
     Event,
+    Fact,
     ReleaseTask,
     RerouteTask,
     RetryStep,
@@ -272,6 +274,24 @@ def test_sensitive_payload_paths_are_hashed_in_the_ledger() -> None:
     assert payload["name"] == "Ann"
     assert payload["ssn"].startswith("sha256:")
     assert d.task("a").input["ssn"] == "123-45-6789"  # the worker needs it
+
+
+def test_a_runs_salt_keys_the_hashes_of_its_sensitive_values() -> None:
+    wf = workflow(TaskStep(id="a", actor="SVC:irs"), sensitive=("payload.ssn",))
+    command = StartRun(id="s", workflow=wf.id, key="k", payload={"ssn": "123-45-6789"})
+
+    def hashed(salt: str) -> str:
+        started = start_run(wf, command, RUN, T0, salt=salt)
+        (fact,) = [f for f in started.effects if isinstance(f, Fact) and f.kind == "run.started"]
+        return str(fact.data["payload"]["ssn"])
+
+    plain = "sha256:" + hashlib.sha256(b'"123-45-6789"').hexdigest()
+    assert hashed("") == plain  # pure simulations: deterministic, unkeyed
+    one, other = hashed("a1b2"), hashed("c3d4")
+    assert one.startswith("hmac-sha256:")
+    assert one == hashed("a1b2")  # equal values in one run stay comparable
+    assert len({one, other, plain}) == 3  # another run, or a guess, gives another hash
+    assert start_run(wf, command, RUN, T0, salt="a1b2").run.salt == "a1b2"
 
 
 def test_run_ids_are_prefix_day_and_sequence() -> None:
