@@ -19,11 +19,13 @@ from pathlib import Path
 
 import anyio
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.kv import KeyValue
 
 from actors.dispatcher import Dispatcher
 from actors.router import Router
 from hms_bus.connection import Bus, open_bus
 from hms_bus.daemon import Actor
+from hms_bus.demo.progress import decode_run
 from hms_bus.demo.workers import demo_workers
 from hms_bus.messages import AUDIT_TYPES, Fact, decoder_for
 from hms_bus.metrics import Metrics
@@ -32,7 +34,14 @@ from hms_bus.subjects import Namespace
 from hms_bus.topology import ensure_topology
 from hms_bus.worker import WorkerRunner
 
-__all__ = ["REPO", "Processes", "demo_workers_serving", "in_process_system", "read_facts"]
+__all__ = [
+    "REPO",
+    "Processes",
+    "Progress",
+    "demo_workers_serving",
+    "in_process_system",
+    "read_facts",
+]
 
 REPO = Path(__file__).resolve().parents[2]
 HMS = Path(sys.executable).parent / "hms"
@@ -178,3 +187,35 @@ class Processes:
         for _, proc in self._procs:
             self.kill(proc)
         self._procs.clear()
+
+
+class Progress:
+    """How many of the load's runs are DONE, from a watch on the runs bucket."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.finished: set[str] = set()
+        self._changed = anyio.Event()
+
+    @property
+    def count(self) -> int:
+        return len(self.finished)
+
+    async def follow(self, kv: KeyValue) -> None:
+        watcher = await kv.watch("run.>")
+        try:
+            async for entry in watcher:
+                if entry is None or entry.operation is not None or not entry.value:
+                    continue
+                run = decode_run(entry.value)
+                if run.finished:
+                    self.finished.add(run.run)
+                    self._changed.set()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await watcher.stop()  # type: ignore[no-untyped-call]
+
+    async def reached(self, n: int) -> None:
+        while self.count < n:
+            await self._changed.wait()
+            self._changed = anyio.Event()

@@ -39,7 +39,7 @@ from hms_bus.topology import ensure_topology
 from hms_bus.worker import live_workers
 from hms_bus.workflow.loader import load_workflow_text
 from hms_bus.workflow.state import RunState
-from tests.e2e.harness import Processes, read_facts
+from tests.e2e.harness import Processes, Progress, read_facts
 from tests.helpers import eventually
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -154,8 +154,16 @@ async def test_a_cluster_loses_a_server_and_a_replica_of_each_actor_under_load(
             (ns.event("ClusterLoad"), Event(id=f"c-{n}", name="ClusterLoad", payload={"n": n}))
             for n in range(TOTAL)
         ]
-        await bus.publish_all(events)
-        killed_at = await wait_finished(bus, TOTAL // 3, timeout=120)
+        # A watch tells the moment a third is done (a listing takes seconds: by its
+        # answer the load could be over); it stops before the server dies.
+        done = Progress(TOTAL)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(done.follow, await bus.js.key_value(ns.runs_bucket))
+            await bus.publish_all(events)
+            with anyio.fail_after(120):
+                await done.reached(TOTAL // 3)
+            killed_at = done.count
+            tg.cancel_scope.cancel()
         victim = 1
         # Synchronous (it waits for the process): off the event loop, so this test's
         # own connection keeps its heartbeats while the server goes and comes.

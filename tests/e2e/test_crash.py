@@ -22,13 +22,12 @@ from pathlib import Path
 
 import anyio
 import pytest
-from nats.js.kv import KeyValue
 
 from hms_bus import inbox
 from hms_bus.client import Client
 from hms_bus.connection import Bus, open_bus
 from hms_bus.demo.events import demo_event, run_key
-from hms_bus.demo.progress import decode_run, wait_run
+from hms_bus.demo.progress import wait_run
 from hms_bus.health import live_heartbeats
 from hms_bus.lanes import lane_config
 from hms_bus.messages import Event, Fact
@@ -40,7 +39,7 @@ from hms_bus.topology import ensure_topology
 from hms_bus.worker import live_workers
 from hms_bus.workflow.loader import load_workflow_text
 from hms_bus.workflow.state import RunState
-from tests.e2e.harness import REPO, Processes, read_facts
+from tests.e2e.harness import REPO, Processes, Progress, read_facts
 from tests.helpers import eventually
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
@@ -214,38 +213,6 @@ async def test_replicas_killed_under_load_lose_no_run_and_double_no_step(
     for run in runs:
         assert [u.attempt for s in run.steps.values() for u in s.units] == [1, 1], run.run
         assert len(run.applied) == len(set(run.applied)), run.run
-
-
-class Progress:
-    """How many of the load's runs are DONE, from a watch on the runs bucket."""
-
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self.finished: set[str] = set()
-        self._changed = anyio.Event()
-
-    @property
-    def count(self) -> int:
-        return len(self.finished)
-
-    async def follow(self, kv: KeyValue) -> None:
-        watcher = await kv.watch("run.>")
-        try:
-            async for entry in watcher:
-                if entry is None or entry.operation is not None or not entry.value:
-                    continue
-                run = decode_run(entry.value)
-                if run.finished:
-                    self.finished.add(run.run)
-                    self._changed.set()
-        finally:
-            with anyio.CancelScope(shield=True):
-                await watcher.stop()  # type: ignore[no-untyped-call]
-
-    async def reached(self, n: int) -> None:
-        while self.count < n:
-            await self._changed.wait()
-            self._changed = anyio.Event()
 
 
 async def test_a_human_task_survives_a_restart_of_every_actor_and_the_server(
