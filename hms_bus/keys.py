@@ -14,13 +14,16 @@ Why not nats-py's own tools:
 nothing is delivered before it asks, so the consumer's pending count at creation is
 exactly what there is to read, and each message's own pending count says when the
 read is complete. The server filters by the pattern. Delete and purge markers are
-skipped. A key written while the snapshot is read may or may not be in it.
+skipped. The consumer is deleted as soon as the listing is read (a stream holds a
+limited number of consumers, and a router or dispatcher lists often). A key written while the snapshot is read may or may not be in it.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
+import nats.errors
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.kv import KeyValue
 
@@ -57,8 +60,10 @@ async def snapshot(kv: KeyValue, pattern: str = ">", *, values: bool = True) -> 
         num_replicas=1,
     )
     sub = await js.pull_subscribe(prefix + pattern, stream=stream, config=config)
+    name = ""
     try:
-        pending = (await sub.consumer_info()).num_pending or 0
+        info = await sub.consumer_info()
+        name, pending = info.name, info.num_pending or 0
         found: list[KvEntry] = []
         while pending > 0:
             for msg in await sub.fetch(min(pending, _BATCH), timeout=BATCH_TIMEOUT):
@@ -71,6 +76,9 @@ async def snapshot(kv: KeyValue, pattern: str = ">", *, values: bool = True) -> 
         return found
     finally:
         await sub.unsubscribe()
+        if name:  # at once: listings are frequent, and a stream's consumers are limited
+            with contextlib.suppress(nats.errors.Error, TimeoutError):
+                await js.delete_consumer(stream, name)
 
 
 async def list_keys(kv: KeyValue, pattern: str = ">") -> list[str]:

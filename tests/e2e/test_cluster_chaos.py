@@ -113,7 +113,9 @@ async def wait_beating(bus: Bus, procs: Sequence[subprocess.Popen[bytes]]) -> No
         kv = await bus.js.key_value(bus.ns.health_bucket)
         return pids <= {b.pid for b in await live_heartbeats(kv)}
 
-    await eventually(beating, timeout=60, retry_on=(nats.errors.Error,), what="heartbeats")
+    await eventually(
+        beating, timeout=60, interval=0.5, retry_on=(nats.errors.Error,), what="heartbeats"
+    )
 
 
 async def ledger_fact_ids(bus: Bus) -> list[str]:

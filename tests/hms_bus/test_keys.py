@@ -37,3 +37,6 @@ async def test_a_snapshot_holds_the_last_value_of_each_live_key_matching_the_pat
     assert [(e.key, e.value) for e in keys_only] == [("run.A", b"")]
     assert await list_keys(kv) == ["key.run.X", "run.A"]
     assert await list_keys(kv, "nothing.>") == []
+    # every listing took its consumer away with it
+    info = await nc.jetstream().stream_info(f"KV_{ns.root}_keys")
+    assert info.state.consumer_count == 0
