@@ -19,7 +19,6 @@ from typing import Any
 import anyio
 import nats.errors
 import pytest
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from actors.sla_timer import SlaTimer
 from hms_bus.clock import ManualClock
@@ -32,7 +31,7 @@ from hms_bus.settings import BusSettings, NatsSettings
 from hms_bus.subjects import Namespace
 from hms_bus.timers import fired_id, to_micros
 from hms_bus.topology import ensure_topology
-from tests.e2e.harness import Processes
+from tests.e2e.harness import Processes, read_stored
 from tests.helpers import eventually
 
 T0 = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
@@ -121,24 +120,8 @@ async def wait_fired(bus: Bus, n: int, timeout: float = 20.0) -> None:
 
 async def stored_firings(bus: Bus) -> list[TimerFired]:
     """Every firing in the timers stream, in order (an ephemeral reader)."""
-    config = ConsumerConfig(
-        ack_policy=AckPolicy.NONE,
-        deliver_policy=DeliverPolicy.ALL,
-        inactive_threshold=30.0,
-        max_ack_pending=-1,
-    )
-    sub = await bus.js.pull_subscribe(
-        bus.ns.timer("fired"), stream=bus.ns.timers_stream, config=config
-    )
-    try:
-        total = (await sub.consumer_info()).num_pending or 0
-        out: list[TimerFired] = []
-        while len(out) < total:
-            batch = await sub.fetch(min(5000, total - len(out)), timeout=5)
-            out.extend(_fired.decode(m.data) for m in batch)
-        return out
-    finally:
-        await sub.unsubscribe()
+    stored = await read_stored(bus, bus.ns.timers_stream, bus.ns.timer("fired"))
+    return [_fired.decode(data) for data in stored]
 
 
 def move(clock: ManualClock, to: datetime, *timers: SlaTimer) -> None:

@@ -41,6 +41,7 @@ __all__ = [
     "demo_workers_serving",
     "in_process_system",
     "read_facts",
+    "read_stored",
 ]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -83,23 +84,27 @@ async def demo_workers_serving(bus: Bus, *, pace: float) -> AsyncIterator[None]:
 async def read_facts(bus: Bus, subject: str | None = None) -> list[Fact]:
     """Every fact stored on the audit stream (under `subject`, default all), in order,
     read with an ephemeral consumer (the ledger's durable is left alone)."""
-    ns = bus.ns
+    stored = await read_stored(bus, bus.ns.audit_stream, subject or bus.ns.audit_all)
+    return [_fact_decoder.decode(data) for data in stored]
+
+
+async def read_stored(bus: Bus, stream: str, subject: str) -> list[bytes]:
+    """The body of every message stored on `stream` under `subject`, in order, read
+    with an ephemeral consumer that acks nothing (durables are left alone)."""
     config = ConsumerConfig(
         ack_policy=AckPolicy.NONE,
         deliver_policy=DeliverPolicy.ALL,
         inactive_threshold=30.0,
         max_ack_pending=-1,
     )
-    sub = await bus.js.pull_subscribe(
-        subject or ns.audit_all, stream=ns.audit_stream, config=config
-    )
+    sub = await bus.js.pull_subscribe(subject, stream=stream, config=config)
     try:
         total = (await sub.consumer_info()).num_pending or 0
-        facts: list[Fact] = []
-        while len(facts) < total:
-            batch = await sub.fetch(min(1000, total - len(facts)), timeout=5)
-            facts.extend(_fact_decoder.decode(msg.data) for msg in batch)
-        return facts
+        out: list[bytes] = []
+        while len(out) < total:
+            batch = await sub.fetch(min(5000, total - len(out)), timeout=5)
+            out.extend(msg.data for msg in batch)
+        return out
     finally:
         await sub.unsubscribe()
 
