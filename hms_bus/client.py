@@ -16,6 +16,7 @@ the same `Nats-Msg-Id` and the stream drops the copy), else a fresh uuid.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from contextlib import asynccontextmanager
@@ -25,6 +26,7 @@ from typing import Any, TypeVar
 
 import anyio
 import msgspec
+import nats.errors
 import nats.js.errors
 from nats.js.kv import KeyValue
 
@@ -58,6 +60,7 @@ from hms_bus.views import (
     StepView,
     WaitingOn,
     WorkflowSummary,
+    lanes_unknown,
     status_view,
     summary,
 )
@@ -82,6 +85,8 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 #: Seconds `enqueue()` waits for a dispatcher to allocate the run id.
 START_TIMEOUT = 10.0
@@ -300,7 +305,14 @@ class Client:
             workflow: Workflow | None = await (await self._reg()).get(run.workflow, run.version)
         except NotFoundError:
             workflow = None  # a definition removed by hand: show what the state says
-        return status_view(run, workflow)
+        lanes: dict[str, str] = {}
+        if lanes_unknown(run):
+            try:
+                lanes = await ledger_reader.routed_lanes(self.bus, run.run)
+            except (HmsError, TimeoutError, nats.errors.Error) as exc:
+                # Only the LANE column depends on it (a client without ledger rights).
+                log.debug("lanes of run %s not read from the ledger: %s", run.run, exc)
+        return status_view(run, workflow, lanes)
 
     async def status(self, run_id: str) -> RunStatusView:
         """The run's status view; `NotFoundError` for an unknown run."""

@@ -8,6 +8,7 @@ with their attempts, lanes, claimants and SLA deadlines, and what a waiting run 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Literal
 
@@ -121,9 +122,14 @@ def _waiting(sid: str, st: StepState, step: Step | None, run: RunState) -> Waiti
     return WaitingOn(step=sid, kind="human" if actor.startswith("HUMAN:") else "worker", on=actor)
 
 
-def _step_view(sid: str, st: StepState, step: Step | None, run: RunState) -> StepView:
+def _step_view(
+    sid: str, st: StepState, step: Step | None, run: RunState, lanes: Mapping[str, str]
+) -> StepView:
     tasks = [run.tasks[u.task] for u in st.units if u.task is not None and u.task in run.tasks]
     live = [t for t in tasks if t.status in ("DISPATCHED", "IN_PROGRESS")] or tasks[-1:]
+    lane = next((t.lane for t in live if t.lane), None)
+    if lane is None:
+        lane = next((lanes[t.task] for t in live if t.task in lanes), None)
     retry_due = [u.retry_due for u in st.units if u.retry_due is not None]
     return StepView(
         step=sid,
@@ -132,7 +138,7 @@ def _step_view(sid: str, st: StepState, step: Step | None, run: RunState) -> Ste
         attempt=max((u.attempt for u in st.units), default=0),
         items=max(len(st.units), 1),
         actor=st.actor or getattr(step, "actor", None),
-        lane=next((t.lane for t in live if t.lane), None),
+        lane=lane,
         claimed_by=next((t.claimant for t in live if t.claimant), None),
         due=st.clock.deadline if st.clock is not None else None,
         retry_due=min(retry_due) if retry_due else None,
@@ -142,9 +148,22 @@ def _step_view(sid: str, st: StepState, step: Step | None, run: RunState) -> Ste
     )
 
 
-def status_view(run: RunState, workflow: Workflow | None) -> RunStatusView:
+def lanes_unknown(run: RunState) -> bool:
+    """Whether an open task of `run` has no lane in the run state: the router names a
+    task's lane in the run only when it routes it late (a parked or redelivered
+    request); otherwise its `task.routed` fact in the ledger says where it went."""
+    return any(
+        t.lane is None for t in run.tasks.values() if t.status in ("DISPATCHED", "IN_PROGRESS")
+    )
+
+
+def status_view(
+    run: RunState, workflow: Workflow | None, lanes: Mapping[str, str] | None = None
+) -> RunStatusView:
     """The view of `run`; `workflow` (its pinned version) adds step types and what
-    wait steps and checkpoints wait on, and orders steps as written."""
+    wait steps and checkpoints wait on, and orders steps as written. `lanes`: the lane
+    of each task as the ledger's `task.routed` facts tell (see `lanes_unknown`)."""
+    lanes = lanes or {}
     steps = {s.id: s for s in workflow.steps} if workflow is not None else {}
     order = [sid for sid in steps if sid in run.steps] + [s for s in run.steps if s not in steps]
     waiting = (_waiting(sid, run.steps[sid], steps.get(sid), run) for sid in order)
@@ -165,7 +184,7 @@ def status_view(run: RunState, workflow: Workflow | None) -> RunStatusView:
         due=run.clock.deadline if run.clock is not None else None,
         sla_breached=run.sla_breached,
         waiting_for=tuple(w for w in waiting if w is not None),
-        steps=tuple(_step_view(sid, run.steps[sid], steps.get(sid), run) for sid in order),
+        steps=tuple(_step_view(sid, run.steps[sid], steps.get(sid), run, lanes) for sid in order),
     )
 
 

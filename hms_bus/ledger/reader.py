@@ -23,6 +23,7 @@ from hms_bus.subjects import check_token
 __all__ = [
     "VerifyReport",
     "follow_run",
+    "routed_lanes",
     "run_timeline",
     "timeline_of",
     "verify_all",
@@ -52,6 +53,18 @@ async def _require(bus: Bus, run_id: str) -> list[store.StoredMessage]:
 async def run_timeline(bus: Bus, run_id: str) -> list[TimelineEntry]:
     """The run's history in its stable order; `NotFoundError` for a run with none."""
     return timeline_entries(_entries(await _require(bus, run_id)))
+
+
+async def routed_lanes(bus: Bus, run_id: str) -> dict[str, str]:
+    """Where the router put each task of the run, from its `task.routed` facts (a task
+    routed twice, after a reroute, maps to its latest lane); empty if none is chained."""
+    lanes: dict[str, str] = {}
+    for _, entry in _entries(await store.read_run(bus, check_token(run_id, "run id"))):
+        fact = entry.fact
+        lane = fact.data.get("lane") if fact.kind == "task.routed" else None
+        if fact.task is not None and isinstance(lane, str):
+            lanes[fact.task] = lane
+    return lanes
 
 
 async def timeline_of(bus: Bus, run_ids: Iterable[str]) -> list[TimelineEntry]:

@@ -207,6 +207,31 @@ async def test_failures_retries_operator_actions_and_a_case_timeline(
     assert "no run has case key 'C-0'" in unknown.output
 
 
+async def test_status_names_the_lane_the_ledger_says_a_task_was_routed_to(
+    nats_url: str, ns: Namespace, tmp_path: Path
+) -> None:
+    # A task routed at once gets no TaskRouted (a message per step saved), so its lane
+    # is not in the run state: the status reads it from the `task.routed` fact.
+    spec = tmp_path / "review.yaml"
+    spec.write_text("id: review\nprefix: REV\nsteps:\n  - id: check\n    actor: HUMAN:clerk\n")
+    async with in_process_system(nats_url, ns) as bus, ledger_running(bus):
+        client = Client(bus)
+        await client.apply_workflow(spec)
+        run_id = await client.enqueue("review", {"form": 7})
+        await eventually(lambda: _has(client, run_id, "task.routed"), timeout=30)
+        [task] = await client.tasks(run_id)
+        view = await client.status(run_id)
+        result = await anyio.to_thread.run_sync(
+            CliRunner().invoke, app, ["--url", nats_url, "--root", ns.root, "run", "status", run_id]
+        )
+
+    assert task.lane is None
+    [step] = view.steps
+    assert step.lane == "HUMAN:clerk"
+    assert result.exit_code == 0, result.output
+    assert "HUMAN:clerk" in next(line for line in result.output.splitlines() if "check" in line)
+
+
 async def _has(client: Client, run_id: str, kind: str) -> bool:
     try:
         return any(t.kind == kind for t in await client.timeline(run_id))
