@@ -20,10 +20,10 @@ Roles: each actor (`dispatcher`, `router`, `sla-timer`, `ledger`), one worker us
 per lane (`worker-<KIND>-<name>`: pull its own lane, publish its results, heartbeat
 in the worker registry), one notifier user per channel kind (`notifier-<kind>`: pull
 its notifications), `publisher` (publish events and start runs, read run
-state: it cannot steer a run or approve a checkpoint), `clerk` (human lanes: the
-inbox, results of human lanes, approve/reject), `operator` (the CLI: everything
-under the root, and the JetStream API to create the topology) and `exporter`
-(Prometheus: read-only stream and consumer info).
+state and history: it cannot steer a run or approve a checkpoint), `clerk` (human
+lanes: the inbox, results of human lanes, approve/reject; run state and history),
+`operator` (the CLI: everything under the root, and the JetStream API to create the
+topology) and `exporter` (Prometheus: read-only stream and consumer info).
 
 Actors and notifiers read what `hms check` needs (stream and consumer info, the health bucket), so
 a container's probe runs with the actor's own credentials. They do not create the
@@ -128,6 +128,12 @@ class _Grants:
         self.kv_read(bucket, keys)
         self.pub.append(f"$KV.{bucket}.{keys}")
         return self
+
+    def ledger_read(self, ns: Namespace) -> _Grants:
+        """Read runs' chains: batched direct gets on the ledger stream (timelines, and
+        the lanes a run's status names)."""
+        stream = ns.ledger_stream
+        return self.publish(f"{API}.DIRECT.GET.{stream}", f"{API}.DIRECT.GET.{stream}.>")
 
     def object_store(self, bucket: str) -> _Grants:
         """Full use of one object store, including creating it."""
@@ -244,8 +250,7 @@ def roles(
         .publish(ns.ledger_all)
         .durable(ns.audit_stream, ns.durable("ledger", "audit"))
         .ephemeral(ns.ledger_stream)
-        # Chain heads are read with batched direct gets.
-        .publish(f"{API}.DIRECT.GET.{ns.ledger_stream}", f"{API}.DIRECT.GET.{ns.ledger_stream}.>")
+        .ledger_read(ns)  # chain heads
         .kv_write(ns.stats_bucket)
         .kv_read(ns.runs_bucket)
     )
@@ -256,6 +261,7 @@ def roles(
         .kv_read(ns.runs_bucket)
         .kv_read(ns.workflows_bucket)
         .stream_info(ns.ledger_stream)
+        .ledger_read(ns)
     )
 
     clerk = (
@@ -268,6 +274,7 @@ def roles(
         .kv_write(ns.inbox_bucket)
         .kv_read(ns.runs_bucket)
         .kv_read(ns.workflows_bucket)
+        .ledger_read(ns)
     )
 
     operator = _Grants().publish(
