@@ -32,13 +32,17 @@ it routed (that would cost a KV write per task), so the cancel goes to every liv
 lane and workers not holding the task ignore it. A human task is removed from the
 inbox (and its lane told), a parked one dropped. A task still queued on a lane
 stays: finding it means scanning the lane, and workers and the engine ignore a
-superseded attempt.
+superseded attempt. A route request that comes after its task's cancel (it was
+redelivered) is dropped by the replica that handled the cancel, which remembers the
+latest cancelled attempts; another replica would route it, and the engine records
+its result as superseded.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -92,6 +96,8 @@ __all__ = ["Router"]
 log = logging.getLogger(__name__)
 
 _NATS_ERRORS = (nats.errors.Error, nats.js.errors.Error, OSError)
+#: Cancelled attempts a replica remembers (see `Router._cancelled`).
+_CANCELLED = 10_000
 
 
 class Router:
@@ -120,6 +126,10 @@ class Router:
         self._ensured: set[str] = set()
         # Task ids with a request in hand -> set when it is handled (if anyone waits).
         self._in_hand: dict[str, anyio.Event | None] = {}
+        # Attempts cancelled lately (oldest first, at most `_CANCELLED`): a request for
+        # one that comes after its cancel (redelivered: nakked or timed out before) is
+        # stale, and routing it would leave work nobody should do (an inbox item).
+        self._cancelled: OrderedDict[str, None] = OrderedDict()
         self._wake = anyio.Event()
         self._routes: KeyValue | None = None
         self._inbox: KeyValue | None = None
@@ -271,6 +281,9 @@ class Router:
             parked_key(req.task)
         except InvalidNameError as exc:
             raise PermanentError(f"route request {req.id}: {exc}") from None
+        if req.task in self._cancelled:
+            log.info("task %s not routed: it was cancelled before this request came", req.task)
+            return
         decision = await self._decide(req)
         if decision.lane is not None:
             await self._deliver(req, decision.lane, decision.reason)
@@ -348,6 +361,9 @@ class Router:
             parked_key(cancel.task)
         except InvalidNameError as exc:
             raise PermanentError(f"cancel {cancel.id}: {exc}") from None
+        self._cancelled[cancel.task] = None
+        if len(self._cancelled) > _CANCELLED:
+            self._cancelled.popitem(last=False)
         data = encode(cancel)
         item = await inbox.find(self.inbox, cancel.task)
         if item is not None:

@@ -325,6 +325,26 @@ async def test_a_cancel_right_behind_its_route_request_is_handled_after_it(
     assert left == []
 
 
+async def test_a_route_request_redelivered_after_its_cancel_is_dropped(
+    nats_url: str, ns: Namespace
+) -> None:
+    # As when the request was nakked (or timed out) and came back behind its cancel.
+    human = Lane.parse("HUMAN:investigator")
+    task = "COM-7/review/1"
+    cancel = CancelTask(
+        id=f"{task}/cancel", task=task, run="COM-7", step="review", attempt=1, reason="cancelled"
+    )
+    async with bus_for(nats_url, ns) as bus, routers(bus):
+        await bus.publish(ns.route("cancel"), cancel)
+        await eventually(lambda: route_queue_empty(bus), what="cancel handled")
+        await bus.publish(ns.route("request"), route_task(task, actor=str(human)))
+        await eventually(lambda: route_queue_empty(bus), what="request handled")
+        kv = await bus.js.key_value(ns.inbox_bucket)
+        gone = await _gone(kv, task)
+
+    assert gone
+
+
 async def test_an_exhausted_lane_task_fails_is_dead_lettered_and_leaves_the_lane(
     nats_url: str, ns: Namespace
 ) -> None:
