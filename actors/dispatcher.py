@@ -4,7 +4,7 @@ Consumes: business events (`hms.events.>`), commands (`hms.cmd.>`), task results
 and router outcomes (`hms.result.>`), timer firings (`hms.timer.fired`).
 Emits: route requests and task cancellations (`hms.route.*`), timer arm/disarm
 (`hms.timer.arm|disarm`), notifications (`hms.notify.<kind>`), facts
-(`hms.audit.dispatcher`).
+(`hms.audit.dispatcher`: an input's facts in one `Facts` message).
 Owns: run state (the runs bucket: `run.<id>`, idempotency keys, daily id sequences).
 
 For each input: load the run and its KV revision (from the `RunCache` of states
@@ -62,6 +62,7 @@ from hms_bus.messages import (
     Signal,
     StartRun,
     TimerFired,
+    batch_facts,
     decoder_for,
 )
 from hms_bus.metrics import Metrics
@@ -280,7 +281,21 @@ class Dispatcher:
             del self._published[next(iter(self._published))]
 
     async def _publish(self, effects: Iterable[Effect]) -> None:
-        await self._bus.publish_all((self._subject(effect), effect) for effect in effects)
+        """Publish a transition's effects, its facts batched (`Facts`) into as few
+        messages as fit: most inputs yield two facts, and a message costs every actor
+        on its way far more than its bytes."""
+        out: list[tuple[str, Message]] = []
+        facts: list[Fact] = []
+        for effect in effects:
+            if isinstance(effect, Fact):
+                facts.append(effect)
+            else:
+                out.append((self._subject(effect), effect))
+        if facts:
+            subject = self._bus.ns.audit("dispatcher")
+            limit = self._bus.settings.max_payload
+            out.extend((subject, message) for message in batch_facts(facts, limit))
+        await self._bus.publish_all(out)
 
     def _subject(self, effect: Effect) -> str:
         subject = self._subjects.get(type(effect))

@@ -1,6 +1,7 @@
 """The ledger: chains every fact into a tamper-evident, append-only record per run.
 
-Consumes: facts (`<root>.audit.>`, durable `ledger-audit`).
+Consumes: facts (`<root>.audit.>`, durable `ledger-audit`), one `Fact` or several
+(`Facts`) per message.
 Emits: ledger entries (`<root>.ledger.<run>`: one per fact, hash-chained per run, a
 run's entries appended together in one message; the format in `hms_bus.ledger.chain`
 and subjects.md); business statistics (`hms_bus.stats.StatsRecorder`, the stats
@@ -46,7 +47,7 @@ from hms_bus.connection import Bus
 from hms_bus.consume import ConsumeLoop
 from hms_bus.errors import InvalidNameError, PermanentError
 from hms_bus.ledger.writer import ChainWriter, WriterStatistics
-from hms_bus.messages import AUDIT_TYPES, Fact, decoder_for
+from hms_bus.messages import AUDIT_TYPES, Fact, Facts, decoder_for, facts_of
 from hms_bus.metrics import Metrics
 from hms_bus.stats import StatsRecorder
 from hms_bus.subjects import check_token
@@ -74,7 +75,7 @@ class Ledger:
         self._stats_every = stats_every
         self._writer = ChainWriter(bus, on_appended=self._observe)
         ns = bus.ns
-        self._loop: ConsumeLoop[Fact] = ConsumeLoop(
+        self._loop: ConsumeLoop[Fact | Facts] = ConsumeLoop(
             bus,
             stream=ns.audit_stream,
             durable=ns.durable("ledger", "audit"),
@@ -111,26 +112,29 @@ class Ledger:
     def stop(self) -> None:
         self._loop.stop()
 
-    async def _on_facts(self, batch: list[tuple[Fact, Msg]]) -> list[Exception | None]:
+    async def _on_facts(self, batch: list[tuple[Fact | Facts, Msg]]) -> list[Exception | None]:
+        """One outcome per message; a `Facts` message's is its first fact's failure
+        (the facts of it that were chained are found there on its redelivery)."""
         outcomes: list[Exception | None] = [None] * len(batch)
         facts: list[Fact] = []
-        where: list[int] = []
+        where: list[int] = []  # the message of each fact in `facts`
         bad_runs: dict[str, InvalidNameError | None] = {}  # checked once per run
-        for i, (fact, _) in enumerate(batch):
-            run = fact.run
-            if run not in bad_runs:
-                try:
-                    check_token(run, "run id")
-                    bad_runs[run] = None
-                except InvalidNameError as exc:
-                    bad_runs[run] = exc
-            if (error := bad_runs[run]) is not None:
-                outcomes[i] = PermanentError(f"fact {fact.id}: {error}")
-                continue
-            facts.append(fact)
-            where.append(i)
+        for i, (message, _) in enumerate(batch):
+            for fact in facts_of(message):
+                run = fact.run
+                if run not in bad_runs:
+                    try:
+                        check_token(run, "run id")
+                        bad_runs[run] = None
+                    except InvalidNameError as exc:
+                        bad_runs[run] = exc
+                if (error := bad_runs[run]) is not None:
+                    outcomes[i] = outcomes[i] or PermanentError(f"fact {fact.id}: {error}")
+                    continue
+                facts.append(fact)
+                where.append(i)
         for i, outcome in zip(where, await self._writer.append(facts), strict=True):
-            outcomes[i] = outcome
+            outcomes[i] = outcomes[i] or outcome
         return outcomes
 
     def _observe(self, fact: Fact) -> None:

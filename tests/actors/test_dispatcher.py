@@ -19,12 +19,14 @@ from hms_bus.messages import (
     ROUTE_TYPES,
     Event,
     Fact,
+    Facts,
     PauseRun,
     ResumeRun,
     RouteTask,
     TaskCompleted,
     decoder_for,
     encode,
+    facts_of,
 )
 from hms_bus.metrics import Metrics
 from hms_bus.registry import Registry
@@ -58,7 +60,14 @@ async def dispatchers(
                     d.stop()
 
 
-async def drain(bus: Bus, stream: str, durable: str, n: int, types: object) -> list[object]:
+def audit(messages: list[object]) -> list[Fact]:
+    """The facts audit messages carry (one `Fact`, or several in a `Facts`), in order."""
+    return [f for m in messages for f in facts_of(m)]  # type: ignore[arg-type]
+
+
+async def drain(
+    bus: Bus, stream: str, durable: str, n: int, types: object = AUDIT_TYPES
+) -> list[object]:
     """Up to `n` messages from a durable (fewer if no more come within 3 s)."""
     sub = await bus.js.pull_subscribe_bind(durable=durable, stream=stream)
     out: list[object] = []
@@ -108,6 +117,24 @@ async def _consumed(bus: Bus, ns: Namespace) -> bool:
     return info.num_pending == 0 and info.num_ack_pending == 0 and info.delivered.stream_seq == 2
 
 
+async def test_the_facts_of_an_input_go_to_the_ledger_in_one_message(
+    nats_url: str, ns: Namespace
+) -> None:
+    async with dispatchers(nats_url, ns) as (bus, _):
+        await bus.publish(ns.event("ComplaintLogged"), Event(id="e1", name="ComplaintLogged"))
+        await eventually(lambda: _consumed_one(bus, ns), what="event consumed")
+        [message] = await drain(bus, ns.audit_stream, ns.durable("ledger", "audit"), 50)
+
+    assert isinstance(message, Facts)
+    assert [f.kind for f in message.facts] == ["run.started", "task.dispatched"]
+    assert message.id == f"{message.facts[0].id}/facts"
+
+
+async def _consumed_one(bus: Bus, ns: Namespace) -> bool:
+    info = await bus.js.consumer_info(ns.events_stream, ns.durable("dispatcher", "events"))
+    return info.num_pending == 0 and info.num_ack_pending == 0 and info.delivered.stream_seq == 1
+
+
 async def test_a_command_sent_twice_applies_once(nats_url: str, ns: Namespace) -> None:
     async with dispatchers(nats_url, ns) as (bus, _):
         await bus.publish(ns.event("ComplaintLogged"), Event(id="e1", name="ComplaintLogged"))
@@ -118,7 +145,7 @@ async def test_a_command_sent_twice_applies_once(nats_url: str, ns: Namespace) -
             await bus.js.publish(ns.command("pause"), encode(pause))  # no Nats-Msg-Id: stored twice
         await eventually(lambda: _status(runs, run_id, "PAUSED"), what="run paused")
 
-        facts = await drain(bus, ns.audit_stream, ns.durable("ledger", "audit"), 50, AUDIT_TYPES)
+        facts = audit(await drain(bus, ns.audit_stream, ns.durable("ledger", "audit"), 50))
 
     paused = [f for f in facts if isinstance(f, Fact) and f.kind == "run.paused"]
     assert len(paused) == 1
@@ -198,7 +225,7 @@ async def test_a_stale_cached_state_is_re_read_and_nothing_is_lost(
         await bus.publish(ns.command("resume"), resume)
         await eventually(lambda: _applied(runs, run_id, "resume-1"), what="run resumed")
         final = (await runs.require(run_id)).run
-        facts = await drain(bus, ns.audit_stream, ns.durable("ledger", "audit"), 50, AUDIT_TYPES)
+        facts = audit(await drain(bus, ns.audit_stream, ns.durable("ledger", "audit"), 50))
 
     assert final.applied[-2:] == ["pause-1", "resume-1"]
     assert final.status != "PAUSED"
@@ -232,7 +259,7 @@ async def test_published_effects_leave_the_stored_outbox(nats_url: str, ns: Name
         await bus.js.publish(ns.command("pause"), encode(commands[0][1]))  # redelivered
         await eventually(lambda: _consumed_commands(bus, ns, 4), what="redelivery consumed")
         after = (await runs.require(run_id)).run
-        facts = await drain(bus, ns.audit_stream, ns.durable("ledger", "audit"), 50, AUDIT_TYPES)
+        facts = audit(await drain(bus, ns.audit_stream, ns.durable("ledger", "audit"), 50))
 
     assert [e.input for e in stored.outbox] == ["pause-2"]
     assert after.applied == stored.applied

@@ -32,7 +32,7 @@ from hms_bus.ledger.chain import (
     lines,
     pack,
 )
-from hms_bus.messages import Fact, encode
+from hms_bus.messages import Fact, Facts, encode
 from hms_bus.metrics import Metrics
 from hms_bus.settings import BusSettings, NatsSettings
 from hms_bus.subjects import Namespace
@@ -133,6 +133,30 @@ async def test_a_fact_published_twice_is_chained_once(nats_url: str, ns: Namespa
             await chained(bus, "R1", 4)
             await eventually(lambda: ledger.statistics().duplicates == 1, timeout=20)
         assert await chain_ids(bus, "R1") == [f"R1-input/{n}" for n in range(1, 5)]
+
+
+async def test_a_batch_of_facts_is_chained_fact_by_fact_and_once(
+    nats_url: str, ns: Namespace
+) -> None:
+    """A `Facts` message (an input's facts, as the dispatcher sends them) is chained as
+    its facts would be one by one; redelivered past the duplicate window, it adds
+    nothing; a bad run id in it dead-letters the message, and its good facts stay."""
+    async with bus_for(nats_url, ns) as bus, ledgers(bus) as (ledger,):
+        dead = await bus.js.subscribe(ns.dlq(ns.audit_stream), stream=ns.dlq_stream)
+        batch = Facts(id="R1-input/1/facts", facts=(fact("R1", 1), fact("R1", 2)))
+        await bus.publish(ns.audit("dispatcher"), batch)
+        await publish(bus, fact("R1", 3))
+        assert await chained(bus, "R1", 3) == ["R1-input/1", "R1-input/2", "R1-input/3"]
+        await bus.publish(ns.audit("dispatcher"), batch, headers={MSG_ID: "again"})
+        await eventually(lambda: ledger.statistics().duplicates == 2, timeout=20)
+        mixed = Facts(id="R2-input/1/facts", facts=(fact("R2", 1), fact("bad run", 2)))
+        await bus.publish(ns.audit("dispatcher"), mixed)
+        letter = await dead.next_msg(timeout=20)
+        await dead.unsubscribe()
+        assert await chained(bus, "R2", 1) == ["R2-input/1"]
+        assert await chain_ids(bus, "R1") == ["R1-input/1", "R1-input/2", "R1-input/3"]
+    assert json.loads(letter.data)["id"] == "R2-input/1/facts"
+    assert "fact bad run-input/2" in (letter.headers or {})[DLQ_REASON]
 
 
 async def test_a_run_with_more_than_one_message_of_facts_is_chained_in_order(

@@ -27,7 +27,7 @@ from hms_bus.connection import Bus, open_bus
 from hms_bus.daemon import Actor
 from hms_bus.demo.progress import decode_run
 from hms_bus.demo.workers import demo_workers
-from hms_bus.messages import AUDIT_TYPES, Fact, decoder_for
+from hms_bus.messages import AUDIT_TYPES, Fact, decoder_for, facts_of
 from hms_bus.metrics import Metrics
 from hms_bus.settings import BusSettings, NatsSettings
 from hms_bus.subjects import Namespace
@@ -85,7 +85,7 @@ async def read_facts(bus: Bus, subject: str | None = None) -> list[Fact]:
     """Every fact stored on the audit stream (under `subject`, default all), in order,
     read with an ephemeral consumer (the ledger's durable is left alone)."""
     stored = await read_stored(bus, bus.ns.audit_stream, subject or bus.ns.audit_all)
-    return [_fact_decoder.decode(data) for data in stored]
+    return [fact for data in stored for fact in facts_of(_fact_decoder.decode(data))]
 
 
 async def read_stored(bus: Bus, stream: str, subject: str) -> list[bytes]:
