@@ -3,7 +3,8 @@
 Consumes: route requests and task cancellations (`<root>.route.>`, durable
 `router-route`); max-deliveries advisories of lane consumers (durable
 `router-advisories`); watches of the routes bucket (the table) and the workers
-bucket (which lanes have a live worker).
+bucket (which lanes have a live worker); a run's state, once per human task placed
+(is it still open).
 Emits: `Task`s on lane subjects (`<root>.task.<KIND>.<name>`) or, for HUMAN lanes,
 into the inbox bucket; `TaskUnroutable` / `TaskRouted` on `<root>.result.router`;
 `TaskFailed` (exhausted) and a dead letter when a lane gives up on a task
@@ -34,8 +35,10 @@ inbox (and its lane told), a parked one dropped. A task still queued on a lane
 stays: finding it means scanning the lane, and workers and the engine ignore a
 superseded attempt. A route request that comes after its task's cancel (it was
 redelivered) is dropped by the replica that handled the cancel, which remembers the
-latest cancelled attempts; another replica would route it, and the engine records
-its result as superseded.
+latest cancelled attempts. A human task placed while another replica handled its
+cancel is taken out again: after placing it, the router reads the run's state
+(written before the cancel was sent) and removes an attempt the run no longer waits
+on.
 """
 
 from __future__ import annotations
@@ -89,6 +92,7 @@ from hms_bus.routing import (
     parked_key,
     route_key,
 )
+from hms_bus.runs import RunStore
 from hms_bus.subjects import Lane
 
 __all__ = ["Router"]
@@ -133,6 +137,7 @@ class Router:
         self._wake = anyio.Event()
         self._routes: KeyValue | None = None
         self._inbox: KeyValue | None = None
+        self._runs: RunStore | None = None
         ns = bus.ns
         self._loops: list[ConsumeLoop[Any]] = [
             ConsumeLoop(
@@ -160,6 +165,7 @@ class Router:
         js, ns = self._bus.js, self._bus.ns
         routes = self._routes = await js.key_value(ns.routes_bucket)
         self._inbox = await js.key_value(ns.inbox_bucket)
+        self._runs = await RunStore.open(self._bus)
         workers = await js.key_value(ns.workers_bucket)
         async with anyio.create_task_group() as tg:
             # The table and the registry are loaded before the first request is taken.
@@ -186,6 +192,11 @@ class Router:
     def inbox(self) -> KeyValue:
         assert self._inbox is not None, "router not running"
         return self._inbox
+
+    @property
+    def runs(self) -> RunStore:
+        assert self._runs is not None, "router not running"
+        return self._runs
 
     # -- what the router knows: the table and the live lanes ---------------------------
     async def _watch(
@@ -336,7 +347,14 @@ class Router:
         fact = _fact(req, "task.routed", Decision(lane_text, reason), now)
         ns = self._bus.ns
         if lane.kind == "HUMAN":
-            await inbox.place(self.inbox, task, now=self._clock.now)
+            placed = await inbox.place(self.inbox, task, now=self._clock.now)
+            if placed and not await self.runs.task_open(req.run, req.task):
+                # Cancelled meanwhile (its cancel handled by another replica before
+                # the item existed): the dispatcher writes a cancellation into the
+                # run before it sends the cancel, so one of the two sees the other.
+                await inbox.remove(self.inbox, req.task)
+                log.info("task %s left the inbox at once: the run no longer waits on it", req.task)
+                return
             await self._bus.publish(ns.audit("router"), fact)
         else:
             if lane_text not in self._ensured:

@@ -124,6 +124,13 @@ class _Grants:
         self.pub += [f"{API}.DIRECT.GET.{stream}", f"{API}.DIRECT.GET.{stream}.$KV.{bucket}.{keys}"]
         return self
 
+    def kv_get(self, bucket: str) -> _Grants:
+        """Read single keys of one bucket (direct gets): no watches, no listings."""
+        stream = f"KV_{bucket}"
+        self.stream_info(stream)
+        self.pub += [f"{API}.DIRECT.GET.{stream}", f"{API}.DIRECT.GET.{stream}.$KV.{bucket}.>"]
+        return self
+
     def kv_write(self, bucket: str, keys: str = ">") -> _Grants:
         self.kv_read(bucket, keys)
         self.pub.append(f"$KV.{bucket}.{keys}")
@@ -226,6 +233,7 @@ def roles(
         .kv_write(ns.inbox_bucket)
         .kv_read(ns.workers_bucket)
         .kv_read(ns.workflows_bucket)
+        .kv_get(ns.runs_bucket)  # is a human task still open, once placed
         # Lanes are created on first use; exhausted tasks are read and removed.
         .publish(
             f"{API}.CONSUMER.INFO.{t}.*",

@@ -38,6 +38,7 @@ from hms_bus.connection import WRONG_LAST_SEQUENCE, Bus
 from hms_bus.errors import NotFoundError
 from hms_bus.keys import list_keys
 from hms_bus.workflow.engine import format_run_id
+from hms_bus.workflow.outcome import OPEN_TASK
 from hms_bus.workflow.state import RunState
 
 __all__ = [
@@ -132,6 +133,14 @@ class RunStore:
         if entry.value is None or entry.revision is None:
             return None
         return StoredRun(_decoder.decode(entry.value), entry.revision)
+
+    async def task_open(self, run_id: str, task_id: str) -> bool:
+        """Whether the run still waits on attempt `task_id` (dispatched or in progress).
+        True when the state does not say otherwise (an unknown run or task): only an
+        attempt the state shows ended is not open."""
+        stored = await self.get(run_id)
+        task = stored.run.tasks.get(task_id) if stored is not None else None
+        return task is None or task.status in OPEN_TASK
 
     async def require(self, run_id: str) -> StoredRun:
         stored = await self.get(run_id)

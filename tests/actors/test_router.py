@@ -34,10 +34,12 @@ from hms_bus.messages import (
 from hms_bus.metrics import Metrics
 from hms_bus.routing import LaneChoice, RouteEntry, parked_key, route_key
 from hms_bus.routing import encode as encode_kv
+from hms_bus.runs import RunStore
 from hms_bus.settings import BusSettings, NatsSettings
 from hms_bus.subjects import Lane, Namespace
 from hms_bus.topology import ensure_topology
 from hms_bus.worker_registry import WorkerInfo, put_worker
+from hms_bus.workflow.state import Attempts, RunState, TaskState, TaskStatus
 from tests.helpers import eventually
 
 FRAUD = Lane.parse("AI:fraud-labeler")
@@ -343,6 +345,37 @@ async def test_a_route_request_redelivered_after_its_cancel_is_dropped(
         gone = await _gone(kv, task)
 
     assert gone
+
+
+async def test_a_human_task_its_run_no_longer_waits_on_leaves_the_inbox_at_once(
+    nats_url: str, ns: Namespace
+) -> None:
+    # Its cancel was handled by another replica before the item existed: the run's
+    # state, written before the cancel went out, says the attempt has ended.
+    human = Lane.parse("HUMAN:investigator")
+    at = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
+
+    def attempt(task: str, status: TaskStatus) -> TaskState:
+        return TaskState(
+            task=task, step="review", attempt=1, actor=str(human), status=status, dispatched_at=at
+        )
+
+    ended, live = "COM-8/review/1", "COM-9/review/1"
+    async with bus_for(nats_url, ns) as bus, routers(bus):
+        runs = await RunStore.open(bus)
+        for task, status in ((ended, "CANCELLED"), (live, "DISPATCHED")):
+            run = task.split("/")[0]
+            tasks = Attempts({task: attempt(task, status)})  # type: ignore[arg-type]
+            await runs.create(
+                RunState(run=run, workflow="ftc", version=1, status="DISPATCHED", key=run,
+                         started_at=at, updated_at=at, tasks=tasks)
+            )  # fmt: skip
+            await bus.publish(ns.route("request"), route_task(task, actor=str(human)))
+        await eventually(lambda: route_queue_empty(bus), what="requests handled")
+        kv = await bus.js.key_value(ns.inbox_bucket)
+        gone = [task for task in (ended, live) if await _gone(kv, task)]
+
+    assert gone == [ended]
 
 
 async def test_an_exhausted_lane_task_fails_is_dead_lettered_and_leaves_the_lane(
