@@ -7,7 +7,9 @@ returns once the work in hand is settled.
 
 `Daemon.run()` connects, makes sure the topology exists, starts the actors one by
 one (each must be ready before the next), serves `/metrics`, and writes a
-heartbeat per actor. On SIGTERM or SIGINT (or `Daemon.stop()`), it stops intake,
+heartbeat per actor. A start that meets passing trouble (the JetStream API timing
+out while a cluster elects leaders after a server restart) is begun again, with a
+new connection and new actors, for up to `STARTUP_PATIENCE` seconds. On SIGTERM or SIGINT (or `Daemon.stop()`), it stops intake,
 keeps beating while in-flight work finishes within the grace period, cancels
 what is left after it, and drains the connection (dramatiq, arq and Temporal do
 the same). `hms up` runs every actor in one such daemon; `hms actor run NAME`
@@ -21,6 +23,7 @@ import os
 import re
 import signal
 import socket
+import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Protocol
@@ -39,6 +42,16 @@ from hms_bus.topology import ensure_topology
 __all__ = ["Actor", "ActorFactory", "Daemon"]
 
 log = logging.getLogger(__name__)
+
+#: Seconds a daemon keeps starting again while the server answers with passing
+#: trouble (`_transient`) before its actors are ready; past it, the error stands.
+STARTUP_PATIENCE = 60.0
+_TRANSIENT = (
+    TimeoutError,  # nats.errors.TimeoutError is one too
+    nats.errors.NoRespondersError,
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError,
+)
 
 
 class Actor(Protocol):
@@ -99,11 +112,28 @@ class Daemon:
         s = self.settings
         server = serve_metrics(self.metrics, s.daemon.metrics_port, s.daemon.metrics_addr)
         self.metrics_port = server.server_port if server else None
+        delay, give_up = 0.5, time.monotonic() + STARTUP_PATIENCE
         try:
-            async with open_bus(s.nats, s.bus, f"{self.name}@{self.instance}", wait=30.0) as bus:
-                if self._ensure:
-                    await ensure_topology(bus.js, s.bus)
-                await self._serve(bus, task_status)
+            while True:
+                try:
+                    async with open_bus(
+                        s.nats, s.bus, f"{self.name}@{self.instance}", wait=30.0
+                    ) as bus:
+                        if self._ensure:
+                            await ensure_topology(bus.js, s.bus)
+                        await self._serve(bus, task_status)
+                    return
+                except Exception as exc:  # re-raised unless it is passing trouble
+                    if self._ready or not _transient(exc) or time.monotonic() > give_up:
+                        raise
+                    log.warning(
+                        "%s could not start (%s); starting again in %.1fs",
+                        self.name,
+                        _describe(exc),
+                        delay,
+                    )
+                await anyio.sleep(delay)
+                delay = min(2 * delay, 5.0)
         finally:
             if server is not None:
                 server.shutdown()
@@ -194,6 +224,20 @@ class Daemon:
                     continue
                 m.set_pending(durable, info.num_pending or 0, info.num_ack_pending or 0)
             await anyio.sleep(self.settings.daemon.heartbeat_seconds)
+
+
+def _transient(exc: BaseException) -> bool:
+    """Trouble that passes: the JetStream API not answering in time, or no stream
+    answering (a cluster electing leaders after a server restart)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_transient(e) for e in exc.exceptions)
+    return isinstance(exc, _TRANSIENT)
+
+
+def _describe(exc: BaseException) -> str:
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return str(exc) or type(exc).__name__
 
 
 async def _run_actor(actor: Actor, *, task_status: TaskStatus[None]) -> None:

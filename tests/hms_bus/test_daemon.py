@@ -11,7 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
+import nats.errors
 import pytest
+from anyio.abc import TaskStatus
 from nats.aio.client import Client
 
 from hms_bus.daemon import Daemon
@@ -43,6 +45,57 @@ async def test_daemon_beats_serves_metrics_and_stops_on_request(
         assert missing.problems == ["actor 'ledger' has no live heartbeat"]
 
         daemon.stop()
+
+
+class _FlakyStart:
+    """An actor whose first starts meet `trouble` before it is ready, as when the
+    JetStream API times out during a cluster's leader election."""
+
+    name = "flaky"
+
+    def __init__(self, trouble: list[Exception], starts: list[int]) -> None:
+        self._trouble = trouble
+        self._starts = starts
+        self._stop = anyio.Event()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        self._starts.append(1)
+        if self._trouble:
+            raise self._trouble.pop(0)
+        task_status.started()
+        await self._stop.wait()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+async def test_a_start_that_meets_passing_trouble_begins_again(
+    nats_url: str, ns: Namespace
+) -> None:
+    starts: list[int] = []
+    trouble: list[Exception] = [nats.errors.TimeoutError(), ExceptionGroup("x", [TimeoutError()])]
+    daemon = Daemon(
+        settings(nats_url, ns.root),
+        [lambda bus, metrics: _FlakyStart(trouble, starts)],
+        name="flaky",
+    )
+    async with anyio.create_task_group() as tg:
+        await tg.start(daemon.run)
+        daemon.stop()
+    assert len(starts) == 3
+
+
+async def test_a_start_that_fails_for_good_fails_at_once(nats_url: str, ns: Namespace) -> None:
+    starts: list[int] = []
+    daemon = Daemon(
+        settings(nats_url, ns.root),
+        [lambda bus, metrics: _FlakyStart([ValueError("bad table")], starts)],
+        name="flaky",
+    )
+    with pytest.raises(ExceptionGroup) as caught:
+        await daemon.run()
+    assert caught.group_contains(ValueError, match="bad table")
+    assert len(starts) == 1
 
 
 async def _ok(probe: object) -> object:
