@@ -33,19 +33,18 @@ it routed (that would cost a KV write per task), so the cancel goes to every liv
 lane and workers not holding the task ignore it. A human task is removed from the
 inbox (and its lane told), a parked one dropped. A task still queued on a lane
 stays: finding it means scanning the lane, and workers and the engine ignore a
-superseded attempt. A route request that comes after its task's cancel (it was
-redelivered) is dropped by the replica that handled the cancel, which remembers the
-latest cancelled attempts. A human task placed while another replica handled its
-cancel is taken out again: after placing it, the router reads the run's state
-(written before the cancel was sent) and removes an attempt the run no longer waits
-on.
+superseded attempt. The dispatcher writes an attempt's end into the run before it
+sends the cancel, so the run's state is the record of what was cancelled: a
+redelivered route request (it may come after its cancel) is routed only if the run
+still waits on its attempt, and a human task is checked once placed (its cancel may
+have been handled by another replica just before the item existed; either that
+check or the cancel's inbox lookup sees the other). A first delivery needs no read.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -100,8 +99,6 @@ __all__ = ["Router"]
 log = logging.getLogger(__name__)
 
 _NATS_ERRORS = (nats.errors.Error, nats.js.errors.Error, OSError)
-#: Cancelled attempts a replica remembers (see `Router._cancelled`).
-_CANCELLED = 10_000
 
 
 class Router:
@@ -130,10 +127,6 @@ class Router:
         self._ensured: set[str] = set()
         # Task ids with a request in hand -> set when it is handled (if anyone waits).
         self._in_hand: dict[str, anyio.Event | None] = {}
-        # Attempts cancelled lately (oldest first, at most `_CANCELLED`): a request for
-        # one that comes after its cancel (redelivered: nakked or timed out before) is
-        # stale, and routing it would leave work nobody should do (an inbox item).
-        self._cancelled: OrderedDict[str, None] = OrderedDict()
         self._wake = anyio.Event()
         self._routes: KeyValue | None = None
         self._inbox: KeyValue | None = None
@@ -292,8 +285,8 @@ class Router:
             parked_key(req.task)
         except InvalidNameError as exc:
             raise PermanentError(f"route request {req.id}: {exc}") from None
-        if req.task in self._cancelled:
-            log.info("task %s not routed: it was cancelled before this request came", req.task)
+        if redelivered and not await self.runs.task_open(req.run, req.task):
+            log.info("task %s not routed: its run no longer waits on it", req.task)
             return
         decision = await self._decide(req)
         if decision.lane is not None:
@@ -349,9 +342,7 @@ class Router:
         if lane.kind == "HUMAN":
             placed = await inbox.place(self.inbox, task, now=self._clock.now)
             if placed and not await self.runs.task_open(req.run, req.task):
-                # Cancelled meanwhile (its cancel handled by another replica before
-                # the item existed): the dispatcher writes a cancellation into the
-                # run before it sends the cancel, so one of the two sees the other.
+                # Cancelled meanwhile, its cancel handled before the item existed.
                 await inbox.remove(self.inbox, req.task)
                 log.info("task %s left the inbox at once: the run no longer waits on it", req.task)
                 return
@@ -379,9 +370,6 @@ class Router:
             parked_key(cancel.task)
         except InvalidNameError as exc:
             raise PermanentError(f"cancel {cancel.id}: {exc}") from None
-        self._cancelled[cancel.task] = None
-        if len(self._cancelled) > _CANCELLED:
-            self._cancelled.popitem(last=False)
         data = encode(cancel)
         item = await inbox.find(self.inbox, cancel.task)
         if item is not None:

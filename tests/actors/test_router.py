@@ -40,6 +40,7 @@ from hms_bus.subjects import Lane, Namespace
 from hms_bus.topology import ensure_topology
 from hms_bus.worker_registry import WorkerInfo, put_worker
 from hms_bus.workflow.state import Attempts, RunState, TaskState, TaskStatus
+from tests.e2e.harness import read_stored
 from tests.helpers import eventually
 
 FRAUD = Lane.parse("AI:fraud-labeler")
@@ -327,24 +328,47 @@ async def test_a_cancel_right_behind_its_route_request_is_handled_after_it(
     assert left == []
 
 
-async def test_a_route_request_redelivered_after_its_cancel_is_dropped(
+async def store_run(bus: Bus, task: str, status: TaskStatus, actor: str) -> None:
+    """A run whose one attempt, `task`, is `status` (as the dispatcher stores it)."""
+    at = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
+    run = task.split("/")[0]
+    attempt = TaskState(
+        task=task, step="review", attempt=1, actor=actor, status=status, dispatched_at=at
+    )
+    await (await RunStore.open(bus)).create(
+        RunState(run=run, workflow="ftc", version=1, status="DISPATCHED", key=run,
+                 started_at=at, updated_at=at, tasks=Attempts({task: attempt}))
+    )  # fmt: skip
+
+
+async def test_a_redelivered_request_is_routed_only_if_its_run_still_waits_on_it(
     nats_url: str, ns: Namespace
 ) -> None:
-    # As when the request was nakked (or timed out) and came back behind its cancel.
-    human = Lane.parse("HUMAN:investigator")
-    task = "COM-7/review/1"
-    cancel = CancelTask(
-        id=f"{task}/cancel", task=task, run="COM-7", step="review", attempt=1, reason="cancelled"
-    )
-    async with bus_for(nats_url, ns) as bus, routers(bus):
-        await bus.publish(ns.route("cancel"), cancel)
-        await eventually(lambda: route_queue_empty(bus), what="cancel handled")
-        await bus.publish(ns.route("request"), route_task(task, actor=str(human)))
-        await eventually(lambda: route_queue_empty(bus), what="request handled")
-        kv = await bus.js.key_value(ns.inbox_bucket)
-        gone = await _gone(kv, task)
+    # Nakked (or timed out) once, a request may come back after its attempt's cancel.
+    ended, live = "COM-8/triage/1", "COM-9/triage/1"
+    async with bus_for(nats_url, ns) as bus:
+        await register(bus, FRAUD)
+        for task, status in ((ended, "CANCELLED"), (live, "DISPATCHED")):
+            await store_run(bus, task, status, str(FRAUD))  # type: ignore[arg-type]
+            await bus.publish(ns.route("request"), route_task(task))
+        first = await bus.js.pull_subscribe_bind(
+            durable=ns.durable("router", "route"), stream=ns.route_stream
+        )
+        for msg in await first.fetch(2, timeout=5):
+            await msg.nak()  # the first delivery fails: the router gets the second
+        await first.unsubscribe()
+        async with routers(bus):
+            [task] = await lane_tasks(bus, FRAUD)
+            await eventually(lambda: route_queue_empty(bus), what="requests handled")
+            routed = [f.task for f in await _routed_facts(bus)]
 
-    assert gone
+    assert task.task == live
+    assert routed == [live]
+
+
+async def _routed_facts(bus: Bus) -> list[Fact]:
+    stored = await read_stored(bus, bus.ns.audit_stream, bus.ns.audit("router"))
+    return [f for d in stored if isinstance(f := decoder_for(AUDIT_TYPES).decode(d), Fact)]
 
 
 async def test_a_human_task_its_run_no_longer_waits_on_leaves_the_inbox_at_once(
@@ -353,23 +377,10 @@ async def test_a_human_task_its_run_no_longer_waits_on_leaves_the_inbox_at_once(
     # Its cancel was handled by another replica before the item existed: the run's
     # state, written before the cancel went out, says the attempt has ended.
     human = Lane.parse("HUMAN:investigator")
-    at = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
-
-    def attempt(task: str, status: TaskStatus) -> TaskState:
-        return TaskState(
-            task=task, step="review", attempt=1, actor=str(human), status=status, dispatched_at=at
-        )
-
     ended, live = "COM-8/review/1", "COM-9/review/1"
     async with bus_for(nats_url, ns) as bus, routers(bus):
-        runs = await RunStore.open(bus)
         for task, status in ((ended, "CANCELLED"), (live, "DISPATCHED")):
-            run = task.split("/")[0]
-            tasks = Attempts({task: attempt(task, status)})  # type: ignore[arg-type]
-            await runs.create(
-                RunState(run=run, workflow="ftc", version=1, status="DISPATCHED", key=run,
-                         started_at=at, updated_at=at, tasks=tasks)
-            )  # fmt: skip
+            await store_run(bus, task, status, str(human))  # type: ignore[arg-type]
             await bus.publish(ns.route("request"), route_task(task, actor=str(human)))
         await eventually(lambda: route_queue_empty(bus), what="requests handled")
         kv = await bus.js.key_value(ns.inbox_bucket)
