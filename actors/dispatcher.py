@@ -47,6 +47,7 @@ from hms_bus.clock import Clock, SystemClock
 from hms_bus.connection import Bus
 from hms_bus.consume import ConsumeLoop, delivery_count
 from hms_bus.errors import NotFoundError, PermanentError, RetryLater
+from hms_bus.facts import batch_facts
 from hms_bus.messages import (
     COMMAND_TYPES,
     RESULT_TYPES,
@@ -62,7 +63,6 @@ from hms_bus.messages import (
     Signal,
     StartRun,
     TimerFired,
-    batch_facts,
     decoder_for,
 )
 from hms_bus.metrics import Metrics
@@ -292,7 +292,7 @@ class Dispatcher:
             else:
                 out.append((self._subject(effect), effect))
         if facts:
-            subject = self._bus.ns.audit("dispatcher")
+            subject = self._subjects[Fact]
             limit = self._bus.settings.max_payload
             out.extend((subject, message) for message in batch_facts(facts, limit))
         await self._bus.publish_all(out)

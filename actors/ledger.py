@@ -46,8 +46,9 @@ from nats.aio.msg import Msg
 from hms_bus.connection import Bus
 from hms_bus.consume import ConsumeLoop
 from hms_bus.errors import InvalidNameError, PermanentError
+from hms_bus.facts import facts_of
 from hms_bus.ledger.writer import ChainWriter, WriterStatistics
-from hms_bus.messages import AUDIT_TYPES, Fact, Facts, decoder_for, facts_of
+from hms_bus.messages import AUDIT_TYPES, Fact, Facts, decoder_for
 from hms_bus.metrics import Metrics
 from hms_bus.stats import StatsRecorder
 from hms_bus.subjects import check_token

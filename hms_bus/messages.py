@@ -25,7 +25,6 @@ Streams and the types they carry (see `subjects.md` for subjects and examples):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -70,10 +69,8 @@ __all__ = [
     "TaskRouted",
     "TaskUnroutable",
     "TimerFired",
-    "batch_facts",
     "decoder_for",
     "encode",
-    "facts_of",
 ]
 
 JSON = dict[str, Any]
@@ -511,41 +508,6 @@ _decoders: dict[Any, msgspec.json.Decoder[Any]] = {}
 
 def encode(message: Message) -> bytes:
     return _encoder.encode(message)
-
-
-def batch_facts(facts: Sequence[Fact], limit: int) -> list[Fact | Facts]:
-    """`facts` as few messages as fit in `limit` bytes each, in order: a lone fact
-    goes as itself, several as a `Facts`. A fact too large for any message goes alone
-    (and is refused when published, as it would be unbatched)."""
-    out: list[Fact | Facts] = []
-    group: list[Fact] = []
-    budget = limit - _FACTS_ENVELOPE
-    used = 0
-    for fact in facts:
-        size = len(_encoder.encode(fact)) + 1  # and a comma
-        if group and used + size > budget:
-            out.append(_facts_message(group))
-            group, used = [], 0
-        group.append(fact)
-        used += size
-    if group:
-        out.append(_facts_message(group))
-    return out
-
-
-def facts_of(message: Fact | Facts) -> tuple[Fact, ...]:
-    """The facts an audit message carries, in order."""
-    return message.facts if isinstance(message, Facts) else (message,)
-
-
-#: Bytes of a `Facts` message besides its facts (its type, id and brackets), at most.
-_FACTS_ENVELOPE = 1024
-
-
-def _facts_message(group: list[Fact]) -> Fact | Facts:
-    if len(group) == 1:
-        return group[0]
-    return Facts(id=f"{group[0].id}/facts", facts=tuple(group))
 
 
 def decoder_for(types: Any) -> msgspec.json.Decoder[Any]:

@@ -14,6 +14,7 @@ from nats.aio.msg import Msg
 from actors.dispatcher import UNKNOWN_EVENT_DELIVERIES, Dispatcher
 from hms_bus.connection import Bus, open_bus
 from hms_bus.consume import DLQ_DELIVERED, DLQ_REASON
+from hms_bus.facts import facts_of
 from hms_bus.messages import (
     AUDIT_TYPES,
     ROUTE_TYPES,
@@ -26,7 +27,6 @@ from hms_bus.messages import (
     TaskCompleted,
     decoder_for,
     encode,
-    facts_of,
 )
 from hms_bus.metrics import Metrics
 from hms_bus.registry import Registry

@@ -40,7 +40,7 @@ from hms_bus.subjects import Lane, Namespace
 from hms_bus.topology import ensure_topology
 from hms_bus.worker_registry import WorkerInfo, put_worker
 from hms_bus.workflow.state import Attempts, RunState, TaskState, TaskStatus
-from tests.e2e.harness import read_stored
+from tests.e2e.harness import read_facts
 from tests.helpers import eventually
 
 FRAUD = Lane.parse("AI:fraud-labeler")
@@ -360,15 +360,10 @@ async def test_a_redelivered_request_is_routed_only_if_its_run_still_waits_on_it
         async with routers(bus):
             [task] = await lane_tasks(bus, FRAUD)
             await eventually(lambda: route_queue_empty(bus), what="requests handled")
-            routed = [f.task for f in await _routed_facts(bus)]
+            routed = [f.task for f in await read_facts(bus, ns.audit("router"))]
 
     assert task.task == live
     assert routed == [live]
-
-
-async def _routed_facts(bus: Bus) -> list[Fact]:
-    stored = await read_stored(bus, bus.ns.audit_stream, bus.ns.audit("router"))
-    return [f for d in stored if isinstance(f := decoder_for(AUDIT_TYPES).decode(d), Fact)]
 
 
 async def test_a_human_task_its_run_no_longer_waits_on_leaves_the_inbox_at_once(

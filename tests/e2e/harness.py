@@ -27,7 +27,8 @@ from hms_bus.connection import Bus, open_bus
 from hms_bus.daemon import Actor
 from hms_bus.demo.progress import decode_run
 from hms_bus.demo.workers import demo_workers
-from hms_bus.messages import AUDIT_TYPES, Fact, decoder_for, facts_of
+from hms_bus.facts import facts_of
+from hms_bus.messages import AUDIT_TYPES, Fact, decoder_for
 from hms_bus.metrics import Metrics
 from hms_bus.settings import BusSettings, NatsSettings
 from hms_bus.subjects import Namespace

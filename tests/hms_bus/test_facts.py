@@ -1,11 +1,12 @@
-"""Wire helpers of `hms_bus.messages` that are not plain types (the types themselves
-are checked against subjects.md in test_subjects)."""
+"""How facts travel (`hms_bus.facts`): batching and reading back audit messages (the
+wire types themselves are checked against subjects.md in test_subjects)."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from hms_bus.messages import AUDIT_TYPES, Fact, Facts, batch_facts, decoder_for, encode, facts_of
+from hms_bus.facts import batch_facts, facts_of
+from hms_bus.messages import AUDIT_TYPES, Fact, Facts, decoder_for, encode
 
 T0 = datetime(2026, 11, 20, 14, 0, tzinfo=UTC)
 
