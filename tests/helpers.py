@@ -1,4 +1,5 @@
-"""Generic test helpers: waiting for state that is only eventually true, free ports.
+"""Generic test helpers: a bus on the test server, waiting for state that is only
+eventually true, free ports.
 
 `eventually()` is the one place in the suite that sleeps between looks. Everything
 else waits on the effect itself under a deadline (`anyio.fail_after`, a `fetch` with a
@@ -8,16 +9,29 @@ timeout, a subscription's `next_msg`).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any, TypeVar, overload
 
 import anyio
 
+from hms_bus.connection import Bus, open_bus
 from hms_bus.server import free_ports
+from hms_bus.settings import BusSettings, NatsSettings
+from hms_bus.subjects import Namespace
+from hms_bus.topology import ensure_topology
 
-__all__ = ["eventually", "free_port"]
+__all__ = ["bus_for", "eventually", "free_port"]
 
 T = TypeVar("T")
+
+
+@asynccontextmanager
+async def bus_for(url: str, ns: Namespace, name: str = "test") -> AsyncIterator[Bus]:
+    """A bus on the server at `url`, in namespace `ns`, its streams and buckets made."""
+    async with open_bus(NatsSettings(urls=(url,)), BusSettings(root=ns.root), name) as bus:
+        await ensure_topology(bus.js, bus.settings)
+        yield bus
 
 
 @overload

@@ -38,16 +38,9 @@ from hms_bus.settings import BusSettings, NatsSettings
 from hms_bus.subjects import Namespace
 from hms_bus.topology import declare, ensure_topology, stream_config
 from tests.e2e.harness import Processes
-from tests.helpers import eventually
+from tests.helpers import bus_for, eventually
 
 T0 = datetime(2026, 11, 21, 10, 0, 0, tzinfo=UTC)
-
-
-@asynccontextmanager
-async def bus_for(url: str, ns: Namespace) -> AsyncIterator[Bus]:
-    async with open_bus(NatsSettings(urls=(url,)), BusSettings(root=ns.root), "test") as bus:
-        await ensure_topology(bus.js, bus.settings)
-        yield bus
 
 
 @asynccontextmanager

@@ -15,7 +15,7 @@ from nats.aio.msg import Msg
 
 from actors.router import Router
 from hms_bus import inbox
-from hms_bus.connection import Bus, open_bus
+from hms_bus.connection import Bus
 from hms_bus.consume import DLQ_REASON
 from hms_bus.messages import (
     AUDIT_TYPES,
@@ -35,22 +35,13 @@ from hms_bus.metrics import Metrics
 from hms_bus.routing import LaneChoice, RouteEntry, parked_key, route_key
 from hms_bus.routing import encode as encode_kv
 from hms_bus.runs import RunStore
-from hms_bus.settings import BusSettings, NatsSettings
 from hms_bus.subjects import Lane, Namespace
-from hms_bus.topology import ensure_topology
 from hms_bus.worker_registry import WorkerInfo, put_worker
 from hms_bus.workflow.state import Attempts, RunState, TaskState, TaskStatus
 from tests.e2e.harness import read_facts
-from tests.helpers import eventually
+from tests.helpers import bus_for, eventually
 
 FRAUD = Lane.parse("AI:fraud-labeler")
-
-
-@asynccontextmanager
-async def bus_for(url: str, ns: Namespace) -> AsyncIterator[Bus]:
-    async with open_bus(NatsSettings(urls=(url,)), BusSettings(root=ns.root), "test") as bus:
-        await ensure_topology(bus.js, bus.settings)
-        yield bus
 
 
 @asynccontextmanager

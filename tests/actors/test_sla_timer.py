@@ -22,27 +22,18 @@ import pytest
 
 from actors.sla_timer import SlaTimer
 from hms_bus.clock import ManualClock
-from hms_bus.connection import Bus, open_bus
+from hms_bus.connection import Bus
 from hms_bus.health import live_heartbeats
 from hms_bus.messages import ArmTimer, DisarmTimer, Message, TimerFired, decoder_for
 from hms_bus.metrics import Metrics
 from hms_bus.server import NatsServer
-from hms_bus.settings import BusSettings, NatsSettings
 from hms_bus.subjects import Namespace
 from hms_bus.timers import fired_id, to_micros
-from hms_bus.topology import ensure_topology
 from tests.e2e.harness import Processes, read_stored
-from tests.helpers import eventually
+from tests.helpers import bus_for, eventually
 
 T0 = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
 _fired = decoder_for(TimerFired)
-
-
-@asynccontextmanager
-async def bus_for(url: str, ns: Namespace, name: str = "test") -> AsyncIterator[Bus]:
-    async with open_bus(NatsSettings(urls=(url,)), BusSettings(root=ns.root), name) as bus:
-        await ensure_topology(bus.js, bus.settings)
-        yield bus
 
 
 class Running:

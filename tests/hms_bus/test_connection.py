@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-
 import anyio
 import nats.errors
 import nats.js.errors
 import pytest
 
 from hms_bus import connection
-from hms_bus.connection import Bus, open_bus
 from hms_bus.messages import Event
 from hms_bus.server import NatsServer
-from hms_bus.settings import BusSettings, NatsSettings
 from hms_bus.subjects import Namespace
-from hms_bus.topology import ensure_topology
-
-
-@asynccontextmanager
-async def bus_for(url: str, ns: Namespace) -> AsyncIterator[Bus]:
-    async with open_bus(NatsSettings(urls=(url,)), BusSettings(root=ns.root), "test") as bus:
-        await ensure_topology(bus.js, bus.settings)
-        yield bus
+from tests.helpers import bus_for
 
 
 def event(n: int) -> Event:

@@ -12,25 +12,17 @@ import pytest
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig
 
-from hms_bus.connection import Bus, open_bus
+from hms_bus.connection import Bus
 from hms_bus.consume import DLQ_REASON, DLQ_SEQUENCE, DLQ_STREAM, DLQ_SUBJECT, ConsumeLoop
 from hms_bus.errors import PermanentError, RetryLater
 from hms_bus.messages import Event, decoder_for
 from hms_bus.metrics import Metrics
 from hms_bus.server import NatsServer
-from hms_bus.settings import BusSettings, NatsSettings
+from hms_bus.settings import BusSettings
 from hms_bus.subjects import Namespace
-from hms_bus.topology import ensure_topology
-from tests.helpers import eventually
+from tests.helpers import bus_for, eventually
 
 Handler = msgspec.json.Decoder[Event]
-
-
-@asynccontextmanager
-async def bus_for(url: str, ns: Namespace) -> AsyncIterator[Bus]:
-    async with open_bus(NatsSettings(urls=(url,)), BusSettings(root=ns.root), "test") as bus:
-        await ensure_topology(bus.js, bus.settings)
-        yield bus
 
 
 @asynccontextmanager

@@ -5,26 +5,14 @@ replayed to it; and the channel-kind rule matches the dispatcher's subjects."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-
 import anyio
 import pytest
 
-from hms_bus.connection import Bus, open_bus
+from hms_bus.connection import Bus
 from hms_bus.messages import Notify
 from hms_bus.notify import NotifierRunner, channel_kind, kinds_of, log_notifier, notifier
-from hms_bus.settings import BusSettings, NatsSettings
 from hms_bus.subjects import Namespace
-from hms_bus.topology import ensure_topology
-from tests.helpers import eventually
-
-
-@asynccontextmanager
-async def bus_for(url: str, ns: Namespace) -> AsyncIterator[Bus]:
-    async with open_bus(NatsSettings(urls=(url,)), BusSettings(root=ns.root), "test") as bus:
-        await ensure_topology(bus.js, bus.settings)
-        yield bus
+from tests.helpers import bus_for, eventually
 
 
 def note(n: int, channel: str) -> Notify:

@@ -4,15 +4,14 @@ test_worker_process.py.)"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from typing import Any, cast
 
 import anyio
 import pytest
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from hms_bus.connection import Bus, open_bus
+from hms_bus.connection import Bus
 from hms_bus.errors import InvalidNameError, PermanentError
 from hms_bus.lanes import ensure_lane, lane_pending
 from hms_bus.messages import (
@@ -26,9 +25,7 @@ from hms_bus.messages import (
     encode,
 )
 from hms_bus.metrics import Metrics
-from hms_bus.settings import BusSettings, NatsSettings
 from hms_bus.subjects import Lane, Namespace
-from hms_bus.topology import ensure_topology
 from hms_bus.worker import (
     PermanentTaskError,
     TaskContext,
@@ -42,18 +39,11 @@ from hms_bus.worker import (
     run_worker,
 )
 from hms_bus.worker_function import run_attempt
-from tests.helpers import eventually
+from tests.helpers import bus_for, eventually
 
 LANE = Lane("AI", "labeler")
 Result = TaskCompleted | TaskFailed | TaskProgress
 _results = decoder_for(RESULT_TYPES)
-
-
-@asynccontextmanager
-async def bus_for(url: str, ns: Namespace) -> AsyncIterator[Bus]:
-    async with open_bus(NatsSettings(urls=(url,)), BusSettings(root=ns.root), "test") as bus:
-        await ensure_topology(bus.js, bus.settings)
-        yield bus
 
 
 def make_task(n: int, **input: Any) -> Task:

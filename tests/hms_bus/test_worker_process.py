@@ -28,14 +28,12 @@ from nats.aio.subscription import Subscription
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.kv import KeyValue
 
-from hms_bus.connection import Bus, open_bus
+from hms_bus.connection import Bus
 from hms_bus.lanes import ensure_lane, lane_pending
 from hms_bus.messages import RESULT_TYPES, Task, TaskCompleted, TaskProgress, decoder_for
-from hms_bus.settings import BusSettings, NatsSettings
 from hms_bus.subjects import Lane, Namespace
-from hms_bus.topology import ensure_topology
 from hms_bus.worker import WorkerInfo, live_workers
-from tests.helpers import eventually
+from tests.helpers import bus_for, eventually
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +50,8 @@ def hms(*args: str) -> list[str]:
 
 
 @asynccontextmanager
-async def bus_for(url: str, ns: Namespace) -> AsyncIterator[Bus]:
-    async with open_bus(NatsSettings(urls=(url,)), BusSettings(root=ns.root), "test") as bus:
-        await ensure_topology(bus.js, bus.settings)
+async def echo_bus(url: str, ns: Namespace) -> AsyncIterator[Bus]:
+    async with bus_for(url, ns) as bus:
         await ensure_lane(bus.js, ns, ECHO, ack_wait=1.0)  # short, so a redelivery is quick
         yield bus
 
@@ -147,7 +144,7 @@ async def stored_results(bus: Bus) -> list[object]:
 async def test_a_task_of_a_killed_worker_is_redelivered_and_completed_once(
     nats_url: str, ns: Namespace, tmp_path: Path
 ) -> None:
-    async with bus_for(nats_url, ns) as bus:
+    async with echo_bus(nats_url, ns) as bus:
         kv = await bus.js.key_value(ns.workers_bucket)
         seen = await bus.nc.subscribe(ns.result(ECHO))
         async with worker_process(nats_url, ns, tmp_path / "first.log") as first:
@@ -188,7 +185,7 @@ async def test_a_task_of_a_killed_worker_is_redelivered_and_completed_once(
 async def test_a_result_published_twice_for_one_attempt_is_stored_once(
     nats_url: str, ns: Namespace, tmp_path: Path
 ) -> None:
-    async with bus_for(nats_url, ns) as bus:
+    async with echo_bus(nats_url, ns) as bus:
         kv = await bus.js.key_value(ns.workers_bucket)
         seen = await bus.nc.subscribe(ns.result(ECHO))
         async with (
@@ -227,7 +224,7 @@ async def test_a_result_published_twice_for_one_attempt_is_stored_once(
 async def test_sigterm_finishes_the_task_in_flight_then_exits_0(
     nats_url: str, ns: Namespace, tmp_path: Path
 ) -> None:
-    async with bus_for(nats_url, ns) as bus:
+    async with echo_bus(nats_url, ns) as bus:
         kv = await bus.js.key_value(ns.workers_bucket)
         seen = await bus.nc.subscribe(ns.result(ECHO))
         async with worker_process(nats_url, ns, tmp_path / "worker.log") as proc:
