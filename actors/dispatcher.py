@@ -4,7 +4,8 @@ Consumes: business events (`hms.events.>`), commands (`hms.cmd.>`), task results
 and router outcomes (`hms.result.>`), timer firings (`hms.timer.fired`).
 Emits: route requests and task cancellations (`hms.route.*`), timer arm/disarm
 (`hms.timer.arm|disarm`), notifications (`hms.notify.<kind>`), facts
-(`hms.audit.dispatcher`: an input's facts in one `Facts` message).
+(`hms.audit.dispatcher`: the facts of the inputs handled together in one `Facts`
+message).
 Owns: run state (the runs bucket: `run.<id>`, idempotency keys, daily id sequences).
 
 For each input: load the run and its KV revision (from the `RunCache` of states
@@ -47,7 +48,7 @@ from hms_bus.clock import Clock, SystemClock
 from hms_bus.connection import Bus
 from hms_bus.consume import ConsumeLoop, delivery_count
 from hms_bus.errors import NotFoundError, PermanentError, RetryLater
-from hms_bus.facts import batch_facts
+from hms_bus.facts import FactSink
 from hms_bus.messages import (
     COMMAND_TYPES,
     RESULT_TYPES,
@@ -114,8 +115,8 @@ class Dispatcher:
             CancelTask: ns.route("cancel"),
             ArmTimer: ns.timer("arm"),
             DisarmTimer: ns.timer("disarm"),
-            Fact: ns.audit("dispatcher"),
         }
+        self._facts = FactSink(bus, ns.audit("dispatcher"))
 
         def loop(kind: str, stream: str, types: Any, handler: Any) -> ConsumeLoop[Any]:
             return ConsumeLoop(
@@ -281,9 +282,9 @@ class Dispatcher:
             del self._published[next(iter(self._published))]
 
     async def _publish(self, effects: Iterable[Effect]) -> None:
-        """Publish a transition's effects, its facts batched (`Facts`) into as few
-        messages as fit: most inputs yield two facts, and a message costs every actor
-        on its way far more than its bytes."""
+        """Publish a transition's effects, its facts with those of the inputs handled
+        alongside it (`FactSink`): most inputs yield two facts, and a message costs
+        every actor on its way far more than its bytes."""
         out: list[tuple[str, Message]] = []
         facts: list[Fact] = []
         for effect in effects:
@@ -291,32 +292,16 @@ class Dispatcher:
                 facts.append(effect)
             else:
                 out.append((self._subject(effect), effect))
-        if facts:
-            subject = self._subjects[Fact]
-            limit = self._bus.settings.max_payload
-            out.extend((subject, message) for message in batch_facts(facts, limit))
-        await self._bus.publish_all(out)
+        await self._facts.publish(facts, out)
 
     def _subject(self, effect: Effect) -> str:
         subject = self._subjects.get(type(effect))
         if subject is not None:
             return subject
-        ns = self._bus.ns
-        match effect:
-            case RouteTask():
-                return ns.route("request")
-            case CancelTask():
-                return ns.route("cancel")
-            case ArmTimer():
-                return ns.timer("arm")
-            case DisarmTimer():
-                return ns.timer("disarm")
-            case Notify(channel=channel):
-                kind = channel.partition(":")[0]
-                try:
-                    return ns.notify(check_token(kind, "channel kind"))
-                except ValueError:
-                    return ns.notify("other")
-            case Fact():
-                return ns.audit("dispatcher")
+        if isinstance(effect, Notify):
+            kind = effect.channel.partition(":")[0]
+            try:
+                return self._bus.ns.notify(check_token(kind, "channel kind"))
+            except ValueError:
+                return self._bus.ns.notify("other")
         raise PermanentError(f"the engine produced an unknown effect {type(effect).__name__}")

@@ -9,7 +9,8 @@ Emits: `Task`s on lane subjects (`<root>.task.<KIND>.<name>`) or, for HUMAN lane
 into the inbox bucket; `TaskUnroutable` / `TaskRouted` on `<root>.result.router`;
 `TaskFailed` (exhausted) and a dead letter when a lane gives up on a task
 (`hms_bus.exhausted`); `CancelTask` on `<root>.cancel.<KIND>.<name>` (core NATS);
-facts `task.routed` / `task.unroutable` on `<root>.audit.router`.
+facts `task.routed` / `task.unroutable` on `<root>.audit.router` (those of the
+requests handled together in one `Facts` message).
 Owns: the routing table and the parked requests (routes bucket: `hms_bus.routing`,
 `hms_bus.parking`); the placement of human tasks in the inbox (`hms_bus.inbox`).
 
@@ -63,6 +64,7 @@ from hms_bus.connection import Bus
 from hms_bus.consume import ConsumeLoop, delivery_count
 from hms_bus.errors import HmsError, InvalidNameError, PermanentError
 from hms_bus.exhausted import MaxDeliveries, fail_exhausted
+from hms_bus.facts import FactSink
 from hms_bus.lanes import DEFAULT_ACK_WAIT, DEFAULT_MAX_DELIVER, ensure_lane, lane_pending
 from hms_bus.messages import (
     ROUTE_TYPES,
@@ -118,6 +120,8 @@ class Router:
         concurrency: int = 32,
     ) -> None:
         self._bus = bus
+        # Facts of the requests handled together go to the ledger together.
+        self._facts = FactSink(bus, bus.ns.audit("router"))
         self._clock = clock or SystemClock()
         self._lane_ack_wait = lane_ack_wait
         self._lane_max_deliver = lane_max_deliver
@@ -307,11 +311,9 @@ class Router:
             reason=decision.reason,
         )
         # Published before parking, so that a TaskRouted for it always comes after.
-        await self._bus.publish_all(
-            [
-                (self._bus.ns.router_result, unroutable),
-                (self._bus.ns.audit("router"), _fact(req, "task.unroutable", decision, now)),
-            ]
+        await self._facts.publish(
+            [_fact(req, "task.unroutable", decision, now)],
+            [(self._bus.ns.router_result, unroutable)],
         )
         await parking.park(self.routes, Parked(request=req, reason=decision.reason, parked_at=now))
         if (await self._decide(req)).routable:
@@ -346,7 +348,7 @@ class Router:
                 await inbox.remove(self.inbox, req.task)
                 log.info("task %s left the inbox at once: the run no longer waits on it", req.task)
                 return
-            await self._bus.publish(ns.audit("router"), fact)
+            await self._facts.publish([fact])
         else:
             if lane_text not in self._ensured:
                 # Create only: the lane's workers own its ack wait (they know how
@@ -360,7 +362,7 @@ class Router:
                     update=False,
                 )
                 self._ensured.add(lane_text)
-            await self._bus.publish_all([(ns.task(lane), task), (ns.audit("router"), fact)])
+            await self._facts.publish([fact], [(ns.task(lane), task)])
         self._pending.bump(lane_text)
         log.debug("task %s -> %s: %s", req.task, lane_text, reason)
 

@@ -406,14 +406,15 @@ class Fact(Message, frozen=True):
 
 
 class Facts(Message, frozen=True):
-    """Several facts in one message, in order: what one input or one decision
-    produced (`<root>.audit.<source>`, like a single `Fact`).
+    """Several facts in one message, in order: what the inputs an actor handled
+    together produced (`<root>.audit.<source>`, like a single `Fact`).
 
-    Facts reach the ledger as a large share of all messages (two per step from the
-    dispatcher alone), and each costs a publish, a PubAck, a store, a delivery and an
-    ack whatever its size; batching an input's facts halves that. The ledger chains
-    each fact as if it had come alone (and drops any it has chained already, so a
-    redelivered batch adds nothing). `id` is deterministic: `<first fact's id>/facts`.
+    Facts reach the ledger as a large share of all messages (three per step from the
+    dispatcher and the router), and each costs a publish, a PubAck, a store, a
+    delivery and an ack whatever its size; batching them (`hms_bus.facts`) saves
+    most of that. The ledger chains each fact as if it had come alone (and drops any
+    it has chained already, so a redelivered batch adds nothing). `id` names the
+    facts (`hms_bus.facts.facts_id`): the same facts, the same id.
     """
 
     facts: tuple[Fact, ...]

@@ -14,7 +14,7 @@ from nats.aio.msg import Msg
 from actors.dispatcher import UNKNOWN_EVENT_DELIVERIES, Dispatcher
 from hms_bus.connection import Bus, open_bus
 from hms_bus.consume import DLQ_DELIVERED, DLQ_REASON
-from hms_bus.facts import facts_of
+from hms_bus.facts import facts_id, facts_of
 from hms_bus.messages import (
     AUDIT_TYPES,
     ROUTE_TYPES,
@@ -129,7 +129,7 @@ async def test_the_facts_of_an_input_go_to_the_ledger_in_one_message(
 
     assert isinstance(message, Facts)
     assert [f.kind for f in message.facts] == ["run.started", "task.dispatched"]
-    assert message.id == f"{message.facts[0].id}/facts"
+    assert message.id == facts_id(message.facts)
 
 
 async def test_a_command_sent_twice_applies_once(nats_url: str, ns: Namespace) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from hms_bus.facts import batch_facts, facts_of
+from hms_bus.facts import batch_facts, facts_id, facts_of
 from hms_bus.messages import AUDIT_TYPES, Fact, Facts, decoder_for, encode
 
 T0 = datetime(2026, 11, 20, 14, 0, tzinfo=UTC)
@@ -18,9 +18,20 @@ def _fact(n: int, blob: str = "") -> Fact:
 def test_an_inputs_facts_go_as_one_message_and_a_lone_fact_as_itself() -> None:
     facts = [_fact(1), _fact(2), _fact(3)]
     [batch] = batch_facts(facts, 64 * 1024)
-    assert batch == Facts(id="in-1/1/facts", facts=tuple(facts))
+    assert batch == Facts(id=facts_id(facts), facts=tuple(facts))
     assert batch_facts(facts[:1], 64 * 1024) == [facts[0]]
     assert batch_facts([], 64 * 1024) == []
+
+
+def test_a_batch_id_names_its_facts_so_only_a_true_copy_is_a_duplicate() -> None:
+    facts = [_fact(1), _fact(2), _fact(3)]
+    assert facts_id(facts) == facts_id([_fact(1), _fact(2), _fact(3)])
+    assert facts_id(facts).startswith("in-1/1/facts/3-")
+    # Beginning alike is not enough: the stream would drop the second as a duplicate
+    # of the first, and the facts only it holds would be lost.
+    assert facts_id(facts[:2]) != facts_id(facts)
+    assert facts_id([_fact(1), _fact(3)]) != facts_id([_fact(1), _fact(2)])
+    assert facts_id([_fact(2), _fact(1)]) != facts_id([_fact(1), _fact(2)])
 
 
 def test_batches_stay_under_the_limit_and_keep_the_order() -> None:

@@ -20,6 +20,7 @@ import pytest
 
 from hms_bus import messages
 from hms_bus.errors import InvalidNameError
+from hms_bus.facts import facts_id
 from hms_bus.subjects import Lane, Namespace
 from hms_bus.topology import DUPLICATE_WINDOW, declare
 
@@ -105,6 +106,8 @@ def test_every_message_has_a_field_table_and_a_decoding_example(
     decoded = msgspec.json.decode(example.group(1).encode(), type=cls, strict=True)
     assert isinstance(decoded, cls)
     assert f'"type": "{cls.__name__}"' in example.group(1)
+    if isinstance(decoded, messages.Facts):  # its id is computed: the example's must be right
+        assert decoded.id == facts_id(decoded.facts)
 
 
 def test_namespace_rejects_tokens_that_would_change_a_subject() -> None:
