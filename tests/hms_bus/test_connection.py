@@ -76,6 +76,36 @@ async def test_a_refused_message_raises_the_stream_error(nats_url: str, ns: Name
     assert ok.seq > 0
 
 
+async def test_each_batch_times_out_at_its_own_deadline(
+    own_server: NatsServer, ns: Namespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One timer serves every waiting batch: it fails the first at its deadline, then
+    moves on to the next, which it fails at its own, not earlier."""
+    monkeypatch.setattr(connection, "PUBLISH_TIMEOUT", 0.5)
+    waited: dict[str, float] = {}
+
+    async def publish(name: str, n: int) -> None:
+        began = anyio.current_time()
+        with pytest.raises(nats.errors.TimeoutError):
+            await bus.publish(ns.event("ComplaintLogged"), event(n))
+        waited[name] = anyio.current_time() - began
+
+    async with bus_for(own_server.url, ns) as bus:
+        own_server.kill()
+        try:
+            with anyio.fail_after(5):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(publish, "first", 1)
+                    await anyio.sleep(0.3)  # the second is sent later, so it is due later
+                    tg.start_soon(publish, "second", 2)
+                # And a batch sent once none waits: the timer is armed anew.
+                await publish("third", 3)
+        finally:
+            own_server.start()
+
+    assert all(0.5 <= waited[name] < 1.5 for name in ("first", "second", "third")), waited
+
+
 async def test_a_puback_that_never_comes_times_out(
     own_server: NatsServer, ns: Namespace, monkeypatch: pytest.MonkeyPatch
 ) -> None:
