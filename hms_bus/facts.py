@@ -85,7 +85,10 @@ class FactSink:
 
     A failed publish fails every handler whose facts it held; each handler's input is
     then redelivered and its facts published again, which the ledger drops where it
-    chained them already.
+    chained them already. So may a fact be stored twice on the audit stream: published
+    again after a crash, it goes with other facts than the first time, in a batch of
+    another id, which the stream's duplicate window does not drop. The ledger, the
+    record, holds it once.
     """
 
     def __init__(self, bus: Bus, subject: str) -> None:
