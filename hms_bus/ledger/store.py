@@ -31,10 +31,11 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import DEFAULT_PREFIX
 
-from hms_bus.connection import MSG_ID, PUBLISH_TIMEOUT, Bus
+from hms_bus.connection import MSG_ID, Bus
 from hms_bus.errors import PermanentError, ServerError
 from hms_bus.ledger.chain import HASH_HEADER, body_hash
 from hms_bus.ledger.verify import StoredEntry
+from hms_bus.pubacks import PUBLISH_TIMEOUT
 
 __all__ = [
     "EXPECTED_LAST_SUBJECT_SEQUENCE",

@@ -1,4 +1,5 @@
-"""Publishing through the bus: pipelined, every PubAck awaited, every failure raised."""
+"""Publishing through the bus (`hms_bus.connection`, `hms_bus.pubacks`): pipelined, every
+PubAck awaited, every failure raised."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import nats.errors
 import nats.js.errors
 import pytest
 
-from hms_bus import connection
+from hms_bus import pubacks
 from hms_bus.messages import Event
 from hms_bus.server import NatsServer
 from hms_bus.subjects import Namespace
@@ -81,7 +82,7 @@ async def test_each_batch_times_out_at_its_own_deadline(
 ) -> None:
     """One timer serves every waiting batch: it fails the first at its deadline, then
     moves on to the next, which it fails at its own, not earlier."""
-    monkeypatch.setattr(connection, "PUBLISH_TIMEOUT", 0.5)
+    monkeypatch.setattr(pubacks, "PUBLISH_TIMEOUT", 0.5)
     waited: dict[str, float] = {}
 
     async def publish(name: str, n: int) -> None:
@@ -109,7 +110,7 @@ async def test_each_batch_times_out_at_its_own_deadline(
 async def test_a_puback_that_never_comes_times_out(
     own_server: NatsServer, ns: Namespace, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(connection, "PUBLISH_TIMEOUT", 0.5)
+    monkeypatch.setattr(pubacks, "PUBLISH_TIMEOUT", 0.5)
     async with bus_for(own_server.url, ns) as bus:
         own_server.kill()
         try:
