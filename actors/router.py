@@ -94,11 +94,15 @@ from hms_bus.routing import (
     route_key,
 )
 from hms_bus.runs import RunStore
+from hms_bus.serial import OneAtATime
 from hms_bus.subjects import Lane
 
 __all__ = ["Router"]
 
 log = logging.getLogger(__name__)
+
+#: Requests handled at once: as the dispatcher's `CONCURRENCY`, for the same reason.
+CONCURRENCY = 128
 
 _NATS_ERRORS = (nats.errors.Error, nats.js.errors.Error, OSError)
 
@@ -117,7 +121,7 @@ class Router:
         lane_ack_wait: float = DEFAULT_ACK_WAIT,
         lane_max_deliver: int = DEFAULT_MAX_DELIVER,
         fetch_timeout: float = 2.0,
-        concurrency: int = 32,
+        concurrency: int = CONCURRENCY,
     ) -> None:
         self._bus = bus
         # Facts of the requests handled together go to the ledger together.
@@ -129,8 +133,8 @@ class Router:
         self._pending = PendingCache(pending_ttl)
         self._entries: dict[str, RouteEntry] = {}
         self._ensured: set[str] = set()
-        # Task ids with a request in hand -> set when it is handled (if anyone waits).
-        self._in_hand: dict[str, anyio.Event | None] = {}
+        # The requests about one task are handled one at a time, in the order they came.
+        self._in_hand = OneAtATime()
         self._wake = anyio.Event()
         self._routes: KeyValue | None = None
         self._inbox: KeyValue | None = None
@@ -265,21 +269,12 @@ class Router:
     # -- route requests -------------------------------------------------------------------
     async def _on_route(self, message: Message, msg: Msg) -> None:
         task = getattr(message, "task", "")
-        while task in self._in_hand:  # the same task's earlier request goes first
-            ahead = self._in_hand[task]
-            if ahead is None:  # created only when someone waits: that is rare
-                ahead = self._in_hand[task] = anyio.Event()
-            await ahead.wait()
-        self._in_hand[task] = None
-        try:
+        async with self._in_hand.hold(task):  # the same task's earlier request goes first
             match message:
                 case RouteTask():
                     await self._route(message, redelivered=delivery_count(msg) > 1)
                 case CancelTask():
                     await self._cancel(message)
-        finally:
-            if (waiting := self._in_hand.pop(task)) is not None:
-                waiting.set()
 
     async def _route(self, req: RouteTask, *, redelivered: bool) -> None:
         try:

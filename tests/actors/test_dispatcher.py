@@ -36,6 +36,7 @@ from hms_bus.subjects import Lane, Namespace
 from hms_bus.topology import ensure_topology
 from hms_bus.workflow.loader import load_workflow
 from hms_bus.workflow.model import FanoutStep, Join, Workflow
+from hms_bus.workflow.state import RunState
 from tests.helpers import eventually
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -269,8 +270,9 @@ async def _consumed_commands(bus: Bus, ns: Namespace, n: int) -> bool:
     return info.num_pending == 0 and info.num_ack_pending == 0 and info.delivered.stream_seq == n
 
 
-async def test_two_replicas_racing_on_one_run_lose_no_update(nats_url: str, ns: Namespace) -> None:
-    items = 40
+async def _mass_mailing(url: str, ns: Namespace, replicas: int, items: int) -> tuple[RunState, int]:
+    """A fan-out of `items` whose results all come at once; the run as it ended and
+    the compare-and-set races the dispatchers lost on it."""
     fanout = Workflow(
         id="mass-mailing",
         prefix="MAIL",
@@ -279,7 +281,7 @@ async def test_two_replicas_racing_on_one_run_lose_no_update(nats_url: str, ns: 
             FanoutStep(id="send", over="payload.recipients", actor="SVC:mailer", join=Join("all")),
         ),
     )
-    async with dispatchers(nats_url, ns, replicas=2) as (bus, replicas):
+    async with dispatchers(url, ns, replicas=replicas) as (bus, started):
         await (await Registry.open(bus)).apply(fanout)
         await bus.publish(
             ns.event("MailingRequested"),
@@ -312,8 +314,24 @@ async def test_two_replicas_racing_on_one_run_lose_no_update(nats_url: str, ns: 
         conflicts = sum(
             d._metrics.registry.get_sample_value("hms_cas_conflicts_total", {"actor": "dispatcher"})
             or 0
-            for d in replicas
+            for d in started
         )
+    return final, int(conflicts)
+
+
+async def test_two_replicas_racing_on_one_run_lose_no_update(nats_url: str, ns: Namespace) -> None:
+    items = 40
+    final, conflicts = await _mass_mailing(nats_url, ns, replicas=2, items=items)
 
     assert final.results["send"] == [{"item": i} for i in range(items)]
     assert conflicts > 0  # the replicas did race; compare-and-set kept every result
+
+
+async def test_one_replica_applies_the_inputs_of_a_run_one_at_a_time(
+    nats_url: str, ns: Namespace
+) -> None:
+    items = 40  # their results handled at once: the dispatcher's concurrency is larger
+    final, conflicts = await _mass_mailing(nats_url, ns, replicas=1, items=items)
+
+    assert final.results["send"] == [{"item": i} for i in range(items)]
+    assert conflicts == 0  # none raced another of the same process
