@@ -93,14 +93,13 @@ from bench.e2e_bench import (
     LANE,
     ONE,
     ROOT,
-    CpuMeter,
     Finish,
     latency,
     percentiles,
-    spawn,
     throughput,
     until_ready,
 )
+from bench.procs import CpuMeter, spawn
 from hms_bus.client import Client
 from hms_bus.cluster import NatsCluster
 from hms_bus.connection import Bus, open_bus

@@ -7,7 +7,7 @@ task function on one SVC lane), then measures:
 
 1. the raw limit, with the same client library: a bare JetStream work round trip
    (publish a task to a work-queue stream, a worker process pulls it, publishes a
-   result and acks, the producer consumes the result);
+   result and acks, the producer consumes the result; `bench/raw_limit.py`);
 2. throughput: N runs of a 1-step and of a 5-step workflow, all events published at
    once, until every run is DONE: runs/s and steps/s. 1 and 2 are taken in rounds
    (raw, 1-step, 5-step; the actors idle during the raw sample), so that each ratio
@@ -29,12 +29,9 @@ Usage: `python bench/e2e_bench.py [--reps 3] [--one 5000] [--five 2000]`.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import functools
 import math
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
@@ -46,9 +43,7 @@ from typing import Any
 
 import anyio
 import msgspec
-import nats
 from nats.aio.client import __version__ as nats_version
-from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StreamConfig
 
 from hms_bus.client import Client
 from hms_bus.connection import Bus, open_bus
@@ -61,12 +56,17 @@ from hms_bus.topology import ensure_topology
 from hms_bus.worker import TaskContext, lane, live_workers
 from hms_bus.workflow.loader import load_workflow_text
 
+# Run as a script, this puts bench/, not the repository, on sys.path (the worker
+# process imports this module as `bench.e2e_bench`, from the repository).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.procs import LOGS, CpuMeter, add_cpu, per_step, spawn, terminate
+from bench.raw_limit import CONCURRENCY, raw_round_trip
+
 ROOT = "bench"
 LANE = "SVC:bench"
-CONCURRENCY = 256
 #: Every actor of the system, each as its own process (`actors.REGISTRY`).
 ACTORS = ("dispatcher", "router", "sla-timer", "ledger")
-REPO = Path(__file__).resolve().parents[1]
 HMS = Path(sys.executable).parent / "hms"
 STEPS_TARGET = 0.25  # hms-bus steps/s as a share of raw round trips/s
 P50_TARGET_MS = 25.0
@@ -210,149 +210,6 @@ async def latency(
     return [*finish.latencies, *[math.inf] * late]
 
 
-# -- the raw limit ------------------------------------------------------------------------
-class ContinuousPull:
-    """A bare continuous pull (NATS-NOTES), as the SDK's consume loop does it: pull
-    requests deliver into one inbox, whose callback queues the messages; another
-    request goes out when the open ones can deliver less than half of `window`."""
-
-    def __init__(self, nc: Any, stream: str, durable: str, window: int) -> None:
-        self._nc = nc
-        self._next = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
-        self._window = window
-        self._credit = 0
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._inbox = nc.new_inbox()
-
-    async def start(self) -> None:
-        await self._nc.subscribe(self._inbox, cb=self._on_msg)
-        await self._top_up()
-
-    async def _top_up(self) -> None:
-        if self._credit < self._window // 2:
-            batch = self._window - self._credit
-            self._credit += batch
-            request = b'{"batch":%d,"expires":2000000000}' % batch
-            await self._nc.publish(self._next, request, reply=self._inbox)
-
-    async def _on_msg(self, msg: Any) -> None:
-        if msg.reply:
-            self._credit -= 1
-            self._queue.put_nowait(msg)
-        elif (pending := (msg.headers or {}).get("Nats-Pending-Messages")) is not None:
-            self._credit -= int(pending)  # a request expired with this many undelivered
-        await self._top_up()
-
-    async def batch(self, timeout: float) -> list[Any]:
-        """What has arrived, waiting up to `timeout` for the first (TimeoutError)."""
-        out = [await asyncio.wait_for(self._queue.get(), timeout)]
-        while not self._queue.empty():
-            out.append(self._queue.get_nowait())
-        return out
-
-
-async def raw_worker(url: str, stream: str, how: str) -> None:
-    """The raw round trip's worker (a process of its own): pull, publish result, ack."""
-    nc = await nats.connect(url)
-    js = nc.jetstream()
-    if how == "pull":
-        source = ContinuousPull(nc, f"{stream}_TASKS", "worker", CONCURRENCY)
-        await source.start()
-        fetch = source.batch
-    else:
-        sub = await js.pull_subscribe_bind(durable="worker", stream=f"{stream}_TASKS")
-        fetch = functools.partial(sub.fetch, CONCURRENCY)
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    print("ready", flush=True)
-    while not stop.is_set():
-        try:
-            msgs = await fetch(timeout=1)
-        except (nats.errors.TimeoutError, TimeoutError):
-            continue
-        acks = [await js.publish_async(f"{stream}.result", m.data) for m in msgs]
-        await asyncio.gather(*acks)
-        for m in msgs:
-            await m.ack()
-    await nc.drain()
-
-
-async def raw_round_trip(
-    url: str, n: int, rep: int, logs: Path, server_pid: int, how: str = "fetch"
-) -> float:
-    """Round trips per second for `n` tasks, a worker process in the middle. `how`:
-    "fetch" (nats-py's `fetch`, the figure the targets are set against) or "pull"
-    (a continuous pull in the worker and for the results, as the SDK consumes)."""
-    stream = f"RAW{how.upper()}{rep}"
-    nc = await nats.connect(url)
-    js = nc.jetstream()
-    for kind, retention in (
-        ("TASKS", RetentionPolicy.WORK_QUEUE),
-        ("RESULTS", RetentionPolicy.LIMITS),
-    ):
-        subject = f"{stream}.{'task' if kind == 'TASKS' else 'result'}"
-        await js.add_stream(
-            StreamConfig(name=f"{stream}_{kind}", subjects=[subject], retention=retention)
-        )
-
-    def pull(durable: str) -> ConsumerConfig:
-        return ConsumerConfig(
-            durable_name=durable, ack_policy=AckPolicy.EXPLICIT, max_ack_pending=100_000
-        )
-
-    await js.add_consumer(f"{stream}_TASKS", pull("worker"))
-    if how == "pull":
-        await js.add_consumer(f"{stream}_RESULTS", pull("producer"))
-        source = ContinuousPull(nc, f"{stream}_RESULTS", "producer", 1000)
-        await source.start()
-        fetch = source.batch
-    else:
-        results = await js.pull_subscribe(
-            f"{stream}.result",
-            durable="producer",
-            stream=f"{stream}_RESULTS",
-            config=pull("producer"),
-        )
-        fetch = functools.partial(results.fetch, 1000)
-    worker = spawn(
-        [sys.executable, __file__, "--raw-worker", url, stream, how],
-        logs / f"raw-{how}-{rep}.log",
-        ready=True,
-    )
-    cpu = CpuMeter({"worker": worker.pid, "nats-server": server_pid, "bench": os.getpid()})
-    try:
-        got = 0
-        before = cpu.read()
-        start = time.perf_counter()
-
-        async def produce() -> None:
-            for i in range(0, n, 1000):
-                acks = [
-                    await js.publish_async(f"{stream}.task", b"x" * 128)
-                    for _ in range(min(1000, n - i))
-                ]
-                await asyncio.gather(*acks)
-
-        producer = asyncio.ensure_future(produce())
-        while got < n:
-            try:
-                msgs = await fetch(timeout=5)
-            except (nats.errors.TimeoutError, TimeoutError):
-                raise SystemExit(f"raw round trip stalled at {got}/{n}") from None
-            for m in msgs:
-                await m.ack()
-            got += len(msgs)
-        elapsed = time.perf_counter() - start
-        await producer
-        print(f"    raw ({how}) CPU ms per round trip: {cpu.per_step(before, n)}")
-    finally:
-        terminate(worker)
-        # Not drain(): the results consumer's lingering pull would hold it to its timeout.
-        await nc.flush()
-        await nc.close()
-    return n / elapsed
-
-
 #: Runs a command under cProfile, timed in CPU seconds of the thread (wall time would
 #: charge the process for every moment it waited for a core on a loaded machine), and
 #: writes the profile on a clean exit: `python -c _PROFILE <out> <script> <args...>`.
@@ -376,44 +233,6 @@ def _profiled(args: argparse.Namespace, name: str) -> list[str]:
 
 
 # -- processes -----------------------------------------------------------------------------
-#: Where each spawned process writes its output, by pid (shown when one fails).
-_LOGS: dict[int, Path] = {}
-
-
-def spawn(
-    cmd: list[str], log: Path, *, env: dict[str, str] | None = None, ready: bool = False
-) -> subprocess.Popen[bytes]:
-    out = log.open("ab")
-    proc = subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE if ready else out,
-        stderr=out,
-        start_new_session=True,
-    )
-    out.close()
-    _LOGS[proc.pid] = log
-    if ready:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if b"ready" not in line:
-            terminate(proc)
-            raise SystemExit(f"{cmd[1:]} did not start (log {log})")
-    return proc
-
-
-def terminate(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 async def until_ready(
     bus: Bus, actors: Sequence[subprocess.Popen[bytes]], worker: subprocess.Popen[bytes]
 ) -> None:
@@ -427,45 +246,9 @@ async def until_ready(
                 return
             for p in [*actors, worker]:
                 if p.poll() is not None:
-                    tail = _LOGS[p.pid].read_text(errors="replace")[-2000:]
+                    tail = LOGS[p.pid].read_text(errors="replace")[-2000:]
                     raise SystemExit(f"process {p.args!r} exited with {p.returncode}:\n{tail}")
             await anyio.sleep(0.1)
-
-
-class CpuMeter:
-    """CPU seconds (user + system) used by each named process, read from /proc: where
-    the time of a step goes. Empty off Linux."""
-
-    def __init__(self, pids: dict[str, int]) -> None:
-        self._pids = pids
-        self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-    def read(self) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for name, pid in self._pids.items():
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            out[name] = (int(fields[11]) + int(fields[12])) / self._tick  # utime + stime
-        return out
-
-    def since(self, before: dict[str, float]) -> dict[str, float]:
-        after = self.read()
-        return {k: after[k] - before[k] for k in after if k in before}
-
-    def per_step(self, before: dict[str, float], steps: int) -> str:
-        return per_step(self.since(before), steps)
-
-
-def per_step(cpu: dict[str, float], steps: int) -> str:
-    """CPU milliseconds per step of each process, from seconds used in `steps` steps."""
-    return ", ".join(f"{k} {v * 1000 / steps:.2f}" for k, v in cpu.items())
-
-
-def _add(total: dict[str, float], more: dict[str, float]) -> None:
-    for k, v in more.items():
-        total[k] = total.get(k, 0.0) + v
 
 
 # -- main ------------------------------------------------------------------------------------
@@ -542,14 +325,14 @@ async def bench(args: argparse.Namespace, server: NatsServer, logs: Path) -> Non
                             bus, finish, "BenchOne", "bench-one", args.one, f"one{r}", 600
                         )
                     )
-                    _add(cpu_one, cpu.since(before))
+                    add_cpu(cpu_one, cpu.since(before))
                     before = cpu.read()
                     five.append(
                         await throughput(
                             bus, finish, "BenchFive", "bench-five", args.five, f"five{r}", 600
                         )
                     )
-                    _add(cpu_five, cpu.since(before))
+                    add_cpu(cpu_five, cpu.since(before))
                     round_s = (time.perf_counter() - started) / (r + 1)
                     if r + 1 < args.reps and round_s * (r + 2) > args.budget:
                         print(
@@ -655,13 +438,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--profile", metavar="DIR", help="run the actors and the worker under cProfile into DIR"
     )
-    parser.add_argument(
-        "--raw-worker", nargs=3, metavar=("URL", "STREAM", "HOW"), help=argparse.SUPPRESS
-    )
     args = parser.parse_args(argv)
-    if args.raw_worker:
-        asyncio.run(raw_worker(*args.raw_worker))
-        return
     with tempfile.TemporaryDirectory(prefix="hms-e2e-bench-") as tmp:
         logs = Path(args.logs).resolve() if args.logs else Path(tmp) / "logs"
         logs.mkdir(parents=True, exist_ok=True)
