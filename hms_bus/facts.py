@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from hms_bus.messages import Fact, Facts, Message, encode
@@ -99,11 +99,12 @@ class FactSink:
         self._flushing: set[asyncio.Task[None]] = set()
 
     async def publish(
-        self, facts: Sequence[Fact], others: Iterable[tuple[str, Message]] = ()
+        self, facts: Sequence[Fact], others: Sequence[tuple[str, Message]] = ()
     ) -> None:
         stored = self._add(facts) if facts else None
         try:
-            await self._bus.publish_all(others)
+            if others:  # a human task's handler, say, has only its fact to send
+                await self._bus.publish_all(others)
         except BaseException:
             if stored is not None:  # its outcome no longer matters to anyone here
                 stored.add_done_callback(_retrieved)

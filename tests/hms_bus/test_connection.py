@@ -97,7 +97,7 @@ async def test_each_batch_times_out_at_its_own_deadline(
             with anyio.fail_after(5):
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(publish, "first", 1)
-                    await anyio.sleep(0.3)  # the second is sent later, so it is due later
+                    await anyio.sleep(0.3)  # the behaviour under test: sent later, due later
                     tg.start_soon(publish, "second", 2)
                 # And a batch sent once none waits: the timer is armed anew.
                 await publish("third", 3)
