@@ -25,14 +25,15 @@ in count and time; prints the median of several samples, and a calibration: the
 time of a fixed pure-Python loop, which tells how fast this machine's core is (a
 current laptop core runs it in about 10 us). Usage: `python bench/engine_bench.py`.
 
-Then the parts, by difference: the same runs without the decode (each input gets
-the state `advance` returned), then without the encode too; "decode" includes
-freeing the state it replaces. And the floor: encode and decode alone of the same
+Then the parts, timed apart in the same loop: advance, encode, and decode with the
+freeing of the states it replaces (the real loop takes longer than the floor below
+plus `advance` alone, though it runs no more instructions, valgrind counts them
+equal: presumably memory effects, as each input there works on some 200 freshly
+decoded objects and frees as many). The floor: encode and decode alone of the same
 run's states, with no engine work at all, which bounds what any engine could reach
-with this run-state shape on this core. The real loop takes longer than the floor
-plus `advance` alone, though it runs no more instructions (valgrind counts them
-equal): presumably memory effects, as each input there works on some 200 freshly
-decoded objects and frees as many; the by-difference figures count that as decode.
+with this run-state shape on this core. And the budget: what the target leaves for
+`advance` once the run state is encoded and decoded, beside what one Python call
+costs here.
 """
 
 from __future__ import annotations
@@ -156,24 +157,23 @@ def one_run_unconfirmed(inputs: list[tuple[datetime, Input]]) -> int:
     return len(inputs) + 1
 
 
-def one_run_no_decode(inputs: list[tuple[datetime, Input]]) -> int:
-    """`one_run` without the decode: the next input gets the state `advance` returned."""
-    run = start_run(WORKFLOW, START, RUN, T0).run
-    encoder.encode(run)
+def one_run_timed(inputs: list[tuple[datetime, Input]], spent: list[int]) -> int:
+    """`one_run`, adding each phase's nanoseconds to `spent`: advance, encode, decode
+    (with the freeing of the states the new one replaces)."""
+    clock = time.perf_counter_ns
+    run = decoder.decode(encoder.encode(start_run(WORKFLOW, START, RUN, T0).run))
     done = START.id
     for now, message in inputs:
-        run = advance(WORKFLOW, run, message, now, published=(done,)).run
-        encoder.encode(run)
-        done = message.id
-    return len(inputs) + 1
-
-
-def one_run_advance(inputs: list[tuple[datetime, Input]]) -> int:
-    """`one_run` with neither encode nor decode."""
-    run = start_run(WORKFLOW, START, RUN, T0).run
-    done = START.id
-    for now, message in inputs:
-        run = advance(WORKFLOW, run, message, now, published=(done,)).run
+        began = clock()
+        after = advance(WORKFLOW, run, message, now, published=(done,)).run
+        advanced = clock()
+        data = encoder.encode(after)
+        encoded = clock()
+        run = decoder.decode(data)
+        del after
+        spent[0] += advanced - began
+        spent[1] += encoded - advanced
+        spent[2] += clock() - encoded
         done = message.id
     return len(inputs) + 1
 
@@ -200,6 +200,33 @@ def median_us(body: Callable[[Any], int], arg: Any) -> float:
     """Median CPU microseconds per input of `body`, over `SAMPLES` shorter samples."""
     rates = [sample(body, arg, PART_RUNS_PER_SAMPLE) for _ in range(SAMPLES)]
     return 1e6 / statistics.median(rates)
+
+
+def phases_us(inputs: list[tuple[datetime, Input]]) -> list[float]:
+    """Median microseconds per input of advance, encode and decode, timed apart in the
+    real loop (wall time of a CPU-bound loop, so close to CPU time)."""
+    samples = []
+    for _ in range(SAMPLES):
+        spent = [0, 0, 0]
+        count = sum(one_run_timed(inputs, spent) - 1 for _ in range(PART_RUNS_PER_SAMPLE))
+        samples.append([ns / count / 1e3 for ns in spent])
+    return [statistics.median(part) for part in zip(*samples, strict=True)]
+
+
+def call_ns() -> float:
+    """Nanoseconds for a call of an empty Python function on this core (best of 5)."""
+
+    def nothing() -> None:
+        pass
+
+    rounds = 100_000
+    best = float("inf")
+    for _ in range(5):
+        began = time.perf_counter_ns()
+        for _ in range(rounds):
+            nothing()
+        best = min(best, (time.perf_counter_ns() - began) / rounds)
+    return best
 
 
 def calibration() -> float:
@@ -232,17 +259,24 @@ def main() -> int:
         f"{max(sizes):,} bytes (mean {statistics.mean(sizes):,.0f})"
     )
     total = 1e6 / median
-    no_decode = median_us(one_run_no_decode, inputs)
-    advance_only = median_us(one_run_advance, inputs)
+    advance_us, encode_us, decode_us = phases_us(inputs)
     floor = median_us(codec_only, states)
     print(
-        f"per input: {total:.1f} us = advance {advance_only:.1f} + encode "
-        f"{no_decode - advance_only:.1f} + decode {total - no_decode:.1f} "
-        f"(CPU time, medians, by difference)"
+        f"per input: {total:.1f} us of CPU; timed apart in the same loop: advance "
+        f"{advance_us:.1f} + encode {encode_us:.1f} + decode {decode_us:.1f} (with the "
+        f"freeing of the state it replaces) us, medians"
     )
     print(
         f"floor: encode + decode alone of this run's states take {floor:.1f} us per "
         f"input: at most {1e6 / floor:,.0f} inputs/s with a free engine"
+    )
+    budget = 1e6 / TARGET
+    left = budget - encode_us - decode_us
+    print(
+        f"budget: {TARGET:,} inputs/s allows {budget:.1f} us per input; the run state's "
+        f"encode and decode take {encode_us + decode_us:.1f} of them, leaving {left:.1f} "
+        f"us for advance, which takes {advance_us:.1f}; a call of an empty Python "
+        f"function takes {call_ns():.0f} ns on this core"
     )
     unconfirmed = median_us(one_run_unconfirmed, inputs)
     print(
