@@ -1,9 +1,8 @@
 """Reading and appending the ledger stream (the I/O half of `hms_bus.ledger`).
 
-Reads use batched direct gets (`$JS.API.DIRECT.GET.<stream>` with `next_by_subj` and
-`batch`, server 2.11+): one request brings up to `PAGE` messages of one run, or of
-every run, in stream order, with no consumer to create and delete. The ledger stream
-has `allow_direct`, so any replica of it answers.
+Reads use batched direct gets (`hms_bus.direct`): one request brings up to `PAGE`
+messages of one run, or of every run, in stream order, with no consumer to create and
+delete; any replica of the ledger stream answers.
 
 Appends are optimistic: each carries `Nats-Expected-Last-Subject-Sequence` = the
 stream sequence of the run's newest entry as the writer knows it, so two writers (two
@@ -19,7 +18,6 @@ first: ~20 ms per commit on this server, serialised per stream, so 1-2k facts/s.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,8 +27,8 @@ import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js.api import DEFAULT_PREFIX
 
+from hms_bus import direct
 from hms_bus.connection import MSG_ID, Bus
 from hms_bus.errors import PermanentError, ServerError
 from hms_bus.ledger.chain import HASH_HEADER, body_hash
@@ -49,9 +47,7 @@ __all__ = [
     "scan",
 ]
 
-#: Messages per direct-get request.
-PAGE = 1000
-READ_TIMEOUT = 10.0
+PAGE = direct.PAGE
 
 EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
 
@@ -67,72 +63,19 @@ class StoredMessage:
         return StoredEntry(self.seq, self.body, self.header_hash)
 
 
-async def _page(bus: Bus, request: dict[str, object]) -> tuple[list[StoredMessage], bool]:
-    """One batched direct get (`request`: its JSON fields): the messages; and whether
-    more may follow."""
-    nc = bus.nc
-    inbox = nc.new_inbox()
-    got: list[StoredMessage] = []
-    done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-
-    async def on_reply(msg: Msg) -> None:
-        headers = msg.headers or {}
-        status = headers.get("Status")
-        if status is not None:
-            if not done.done():
-                if status in ("204", "404"):
-                    # The end of this batch; the server says how many more match
-                    # (a batch may also end early at its byte limit).
-                    pending = headers.get("Nats-Num-Pending", "")
-                    more = int(pending) > 0 if pending.isdigit() else len(got) >= PAGE
-                    done.set_result(status == "204" and more)
-                else:
-                    done.set_exception(
-                        ServerError(
-                            f"reading the ledger: {status} {headers.get('Description', '')}"
-                        )
-                    )
-            return
-        got.append(
-            StoredMessage(
-                seq=int(headers.get("Nats-Sequence", "0")),
-                subject=headers.get("Nats-Subject", ""),
-                body=msg.data,
-                header_hash=headers.get(HASH_HEADER),
-            )
-        )
-
-    sub = await nc.subscribe(inbox, cb=on_reply)
-    try:
-        await nc.publish(
-            f"{DEFAULT_PREFIX}.DIRECT.GET.{bus.ns.ledger_stream}",
-            json.dumps(request).encode(),
-            reply=inbox,
-        )
-        try:
-            more = await asyncio.wait_for(done, READ_TIMEOUT)
-        except TimeoutError:
-            raise ServerError(
-                f"reading the ledger stream {bus.ns.ledger_stream}: no answer in "
-                f"{READ_TIMEOUT:g}s (is the topology in place?)"
-            ) from None
-    finally:
-        try:
-            await sub.unsubscribe()
-        except nats.errors.Error:
-            pass
-    return got, more
+def _stored(message: direct.Stored) -> StoredMessage:
+    return StoredMessage(
+        seq=message.seq,
+        subject=message.subject,
+        body=message.data,
+        header_hash=message.headers.get(HASH_HEADER),
+    )
 
 
 async def scan(bus: Bus, subject: str, start: int = 1) -> AsyncIterator[list[StoredMessage]]:
     """Pages of the messages on `subject` (a run's, or `<root>.ledger.>`), in order."""
-    while True:
-        page, more = await _page(bus, {"seq": start, "next_by_subj": subject, "batch": PAGE})
-        if page:
-            yield page
-            start = page[-1].seq + 1
-        if not more or not page:
-            return
+    async for found in direct.scan(bus, bus.ns.ledger_stream, subject, start):
+        yield [_stored(m) for m in found]
 
 
 async def read_run(bus: Bus, run_id: str) -> list[StoredMessage]:
@@ -150,8 +93,10 @@ async def runs_with_entries(bus: Bus, run_ids: Sequence[str]) -> set[str]:
     prefix = len(bus.ns.ledger_all) - 1  # `<root>.ledger.`
     for start in range(0, len(run_ids), PAGE):
         subjects = [bus.ns.ledger(r) for r in run_ids[start : start + PAGE]]
-        page, _ = await _page(bus, {"multi_last": subjects, "batch": len(subjects)})
-        have.update(m.subject[prefix:] for m in page)
+        found, _ = await direct.page(
+            bus, bus.ns.ledger_stream, {"multi_last": subjects, "batch": len(subjects)}
+        )
+        have.update(m.subject[prefix:] for m in found)
     return have
 
 
