@@ -10,7 +10,8 @@ This module is the only place that maps a handler's outcome onto JetStream:
 | `PermanentError` | `term` + dead letter with the error as the reason |
 | any other exception | logged once; `nak` with backoff; on the consumer's last delivery, dead-lettered |
 
-A poison message therefore never stops the loop, and never blocks the consumer:
+Dead letters (`hms_bus.dead_letters`) are what operators list and replay with
+`hms dlq`. A poison message therefore never stops the loop, and never blocks the consumer:
 it is settled and the next one is fetched. The dead-letter copy is published (and
 acknowledged by its stream) *before* the original is terminated, so a crash in
 between leaves the message to be redelivered, never lost; the copy's
@@ -40,7 +41,6 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Generic, TypeVar
 
 import anyio
@@ -50,23 +50,17 @@ import nats.js.errors
 from anyio.abc import TaskStatus
 from nats.aio.msg import Msg
 
-from hms_bus.connection import MSG_ID, Bus
+from hms_bus.connection import Bus
+from hms_bus.dead_letters import dead_letter
 from hms_bus.errors import PermanentError, RetryLater
 from hms_bus.metrics import Metrics
 from hms_bus.pull import ContinuousPull, Gathered, InHand
 
 __all__ = [
-    "DLQ_CONSUMER",
-    "DLQ_DELIVERED",
-    "DLQ_REASON",
-    "DLQ_SEQUENCE",
-    "DLQ_STREAM",
-    "DLQ_SUBJECT",
     "BatchHandler",
     "ConsumeLoop",
     "ConsumeStatistics",
     "Handler",
-    "dead_letter",
     "delivery_count",
 ]
 
@@ -77,16 +71,6 @@ Handler = Callable[[T, Msg], Awaitable[None]]
 #: Takes `(value, msg)` pairs; returns one outcome per pair, in order (None: done).
 BatchHandler = Callable[[list[tuple[T, Msg]]], Awaitable[Sequence[Exception | None]]]
 
-# Headers of a dead letter (documented in subjects.md).
-DLQ_REASON = "Hms-Dlq-Reason"
-DLQ_SUBJECT = "Hms-Dlq-Subject"
-DLQ_STREAM = "Hms-Dlq-Stream"
-DLQ_SEQUENCE = "Hms-Dlq-Sequence"
-DLQ_CONSUMER = "Hms-Dlq-Consumer"
-DLQ_DELIVERED = "Hms-Dlq-Delivered"
-DLQ_AT = "Hms-Dlq-At"
-
-_MAX_REASON = 1000
 _COUNTED = {"ack": "acked", "nak": "nakd", "dead_letter": "dead_lettered"}
 
 
@@ -109,27 +93,6 @@ def delivery_count(msg: Msg) -> int:
     if len(tokens) >= 12:  # $JS.ACK.<domain>.<account hash>.<stream>.<consumer>.<delivered>...
         return int(tokens[6])
     return int(msg.metadata.num_delivered)
-
-
-async def dead_letter(bus: Bus, msg: Msg, reason: str, reason_kind: str = "permanent") -> None:
-    """Copy `msg` to `<root>.dlq.<stream>` with why and where it came from, then term it."""
-    meta = msg.metadata
-    clean = " ".join(reason.split())[:_MAX_REASON]  # header values are one line
-    headers = {
-        MSG_ID: f"dlq-{meta.stream}-{meta.sequence.stream}",
-        DLQ_REASON: clean or reason_kind,
-        DLQ_SUBJECT: msg.subject,
-        DLQ_STREAM: meta.stream,
-        DLQ_SEQUENCE: str(meta.sequence.stream),
-        DLQ_CONSUMER: meta.consumer,
-        DLQ_DELIVERED: str(meta.num_delivered),
-        DLQ_AT: datetime.now(UTC).isoformat(),
-    }
-    await bus.js.publish(bus.ns.dlq(meta.stream), msg.data, headers=headers)
-    await msg.term()
-    log.warning(
-        "dead-lettered %s seq %d from %s: %s", msg.subject, meta.sequence.stream, meta.stream, clean
-    )
 
 
 class ConsumeLoop(Generic[T]):

@@ -21,21 +21,13 @@ advisory, or two router replicas, change nothing.
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
+from datetime import datetime
 
 import msgspec
 import nats.js.errors
 
-from hms_bus.connection import MSG_ID, Bus
-from hms_bus.consume import (
-    DLQ_AT,
-    DLQ_CONSUMER,
-    DLQ_DELIVERED,
-    DLQ_REASON,
-    DLQ_SEQUENCE,
-    DLQ_STREAM,
-    DLQ_SUBJECT,
-)
+from hms_bus.connection import Bus
+from hms_bus.dead_letters import letter_headers
 from hms_bus.errors import InvalidNameError, PermanentError
 from hms_bus.messages import TASK_TYPES, Task, TaskFailed, decoder_for
 from hms_bus.subjects import Lane
@@ -86,16 +78,14 @@ async def fail_exhausted(bus: Bus, adv: MaxDeliveries, now: datetime) -> bool:
             at=now,
         )
         await bus.publish(ns.result(lane), failed)
-    headers = {
-        MSG_ID: f"dlq-{adv.stream}-{adv.stream_seq}",
-        DLQ_REASON: reason,
-        DLQ_SUBJECT: raw.subject or "",
-        DLQ_STREAM: adv.stream,
-        DLQ_SEQUENCE: str(adv.stream_seq),
-        DLQ_CONSUMER: adv.consumer,
-        DLQ_DELIVERED: str(adv.deliveries),
-        DLQ_AT: datetime.now(UTC).isoformat(),
-    }
+    headers = letter_headers(
+        reason=reason,
+        subject=raw.subject or "",
+        stream=adv.stream,
+        sequence=adv.stream_seq,
+        consumer=adv.consumer,
+        delivered=adv.deliveries,
+    )
     await js.publish(ns.dlq(adv.stream), raw.data or b"", headers=headers)
     try:
         await js.delete_msg(adv.stream, adv.stream_seq)

@@ -13,7 +13,7 @@ from nats.aio.msg import Msg
 
 from actors.dispatcher import UNKNOWN_EVENT_DELIVERIES, Dispatcher
 from hms_bus.connection import Bus, open_bus
-from hms_bus.consume import DLQ_DELIVERED, DLQ_REASON
+from hms_bus.dead_letters import DLQ_DELIVERED, DLQ_REASON
 from hms_bus.facts import facts_id, facts_of
 from hms_bus.messages import (
     AUDIT_TYPES,

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from actors.ledger import Ledger
 from hms_bus.cli import app
 from hms_bus.connection import MSG_ID, Bus, open_bus
-from hms_bus.consume import DLQ_REASON
+from hms_bus.dead_letters import DLQ_REASON
 from hms_bus.ledger import reader, store
 from hms_bus.ledger.chain import (
     HASH_HEADER,

@@ -16,7 +16,7 @@ from nats.aio.msg import Msg
 from actors.router import Router
 from hms_bus import inbox
 from hms_bus.connection import Bus
-from hms_bus.consume import DLQ_REASON
+from hms_bus.dead_letters import DLQ_REASON
 from hms_bus.messages import (
     AUDIT_TYPES,
     RESULT_TYPES,

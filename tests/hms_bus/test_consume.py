@@ -13,7 +13,8 @@ from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig
 
 from hms_bus.connection import Bus
-from hms_bus.consume import DLQ_REASON, DLQ_SEQUENCE, DLQ_STREAM, DLQ_SUBJECT, ConsumeLoop
+from hms_bus.consume import ConsumeLoop
+from hms_bus.dead_letters import DLQ_REASON, DLQ_SEQUENCE, DLQ_STREAM, DLQ_SUBJECT
 from hms_bus.errors import PermanentError, RetryLater
 from hms_bus.messages import Event, decoder_for
 from hms_bus.metrics import Metrics
