@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from hms_bus.cli import demo, ledger, metrics, routes, runs, system, tasks, workers, workflow
+from hms_bus.cli import demo, dlq, ledger, metrics, routes, runs, system, tasks, workers, workflow
 from hms_bus.cli.common import State, configure_logging
 
 __all__ = ["app", "main"]
@@ -98,6 +98,7 @@ app.add_typer(
     routes.app, name="route", help="The routing table: lanes, canary weights, skills, backup pools."
 )
 app.add_typer(workers.app, name="worker", help="Run and list lane workers.")
+app.add_typer(dlq.app, name="dlq", help="Dead letters: list and show them, replay or drop them.")
 ledger.register(app, runs.run_app)  # hms run timeline, hms case, hms ledger
 
 

@@ -1,8 +1,6 @@
 """`hms event|run|approve|reject|workflow apply|list|show` through typer's runner on the
-real app, and one real process, against a real server with the dispatcher running.
-
-The CLI runs each command on its own event loop (`anyio.run`), so these tests are
-synchronous and the dispatcher runs on an event loop of its own, in a portal thread.
+real app, and one real process, against a real server with the dispatcher running
+(`tests.hms_bus.cli_system`).
 """
 
 from __future__ import annotations
@@ -12,26 +10,15 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-import anyio
 import pytest
-import typer
-from anyio.from_thread import BlockingPortal, start_blocking_portal
-from typer.testing import CliRunner, Result
 
-import hms_bus.cli as cli
-from actors.dispatcher import Dispatcher
-from hms_bus.cli import runs
-from hms_bus.client import Client, open_client
-from hms_bus.metrics import Metrics
 from hms_bus.subjects import Namespace
-from hms_bus.topology import ensure_topology
 from tests.helpers import eventually
+from tests.hms_bus.cli_system import System, cli_system
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
@@ -39,59 +26,10 @@ WORKFLOWS = sorted(EXAMPLES.glob("*.yaml"))
 COMPLAINT = '{"complaintId": "C-7", "text": "Spam calls"}'
 
 
-def _mounted(app: typer.Typer) -> bool:
-    return any(group.name == "run" for group in app.registered_groups)
-
-
-def _app() -> typer.Typer:
-    """The real `hms` app once the lead has mounted these commands; until then the
-    same commands on a local root with the real global options."""
-    if _mounted(cli.app):
-        return cli.app
-    local = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
-    local.callback()(cli._root)
-    runs.register(local)
-    local.add_typer(runs.event_app, name="event")
-    local.add_typer(runs.run_app, name="run")
-    workflow = typer.Typer(no_args_is_help=True)
-    runs.add_workflow_commands(workflow)
-    local.add_typer(workflow, name="workflow")
-    return local
-
-
-APP = _app()
-
-
-@dataclass
-class System:
-    url: str
-    ns: Namespace
-    portal: BlockingPortal
-    client: Client  # lives on the portal's event loop: use it through `portal.call`
-
-    def hms(self, *args: str) -> Result:
-        return CliRunner().invoke(APP, ["--url", self.url, "--root", self.ns.root, *args])
-
-
-@asynccontextmanager
-async def _running(url: str, ns: Namespace) -> AsyncIterator[Client]:
-    async with open_client(url, root=ns.root) as client:
-        await ensure_topology(client.bus.js, client.bus.settings)
-        async with anyio.create_task_group() as tg:
-            await tg.start(Dispatcher(client.bus, Metrics.create()).run)
-            try:
-                yield client
-            finally:
-                tg.cancel_scope.cancel()  # stop() would wait out a 2 s long-poll
-
-
 @pytest.fixture
 def system(nats_url: str, ns: Namespace) -> Iterator[System]:
-    with (
-        start_blocking_portal() as portal,
-        portal.wrap_async_context_manager(_running(nats_url, ns)) as client,
-    ):
-        yield System(nats_url, ns, portal, client)
+    with cli_system(nats_url, ns) as running:
+        yield running
 
 
 def _apply_ftc(system: System) -> None:
@@ -263,14 +201,9 @@ def test_blank_reason_exits_2(system: System) -> None:
 
 
 def test_a_real_process_reports_an_unknown_run_in_one_line(system: System) -> None:
-    """Through the installed `hms` entry point (once these commands are mounted)."""
+    """Through the installed `hms` entry point."""
     hms = Path(sys.executable).parent / "hms"
-    global_args = ["--url", system.url, "--root", system.ns.root, "run", "status", "NOPE"]
-    if _mounted(cli.app):
-        argv = [str(hms), *global_args]
-    else:  # the same commands on the local root this module builds
-        code = "import sys; from tests.hms_bus.test_cli_runs import APP; APP(sys.argv[1:])"
-        argv = [sys.executable, "-c", code, *global_args]
+    argv = [str(hms), "--url", system.url, "--root", system.ns.root, "run", "status", "NOPE"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("HMS_")}
     proc = subprocess.run(
         argv,
