@@ -117,7 +117,7 @@ async def _consumed(bus: Bus, ns: Namespace, events: int = 2) -> bool:
     """Whether the dispatcher has taken and settled the first `events` events."""
     info = await bus.js.consumer_info(ns.events_stream, ns.durable("dispatcher", "events"))
     done = info.num_pending == 0 and info.num_ack_pending == 0
-    return done and info.delivered.stream_seq == events
+    return bool(done and info.delivered.stream_seq == events)
 
 
 async def test_the_facts_of_an_input_go_to_the_ledger_in_one_message(
@@ -247,10 +247,11 @@ async def test_published_effects_leave_the_stored_outbox(nats_url: str, ns: Name
         for verb, command in commands:
             # The previous input's effects are out (the dispatcher knows it) before this one.
             last = (await runs.require(run_id)).run.applied[-1]
-            await eventually(
-                lambda last=last: last in dispatcher._published.get(run_id, ()),  # type: ignore[misc]
-                what=f"effects of {last} published",
-            )
+
+            def published(last: str = last) -> bool:
+                return last in dispatcher._published.get(run_id, ())
+
+            await eventually(published, what=f"effects of {last} published")
             await bus.publish(ns.command(verb), command)
             await eventually(lambda c=command: _applied(runs, run_id, c.id), what=command.id)  # type: ignore[misc]
         stored = (await runs.require(run_id)).run
@@ -267,7 +268,9 @@ async def test_published_effects_leave_the_stored_outbox(nats_url: str, ns: Name
 
 async def _consumed_commands(bus: Bus, ns: Namespace, n: int) -> bool:
     info = await bus.js.consumer_info(ns.commands_stream, ns.durable("dispatcher", "commands"))
-    return info.num_pending == 0 and info.num_ack_pending == 0 and info.delivered.stream_seq == n
+    return bool(
+        info.num_pending == 0 and info.num_ack_pending == 0 and info.delivered.stream_seq == n
+    )
 
 
 async def _mass_mailing(url: str, ns: Namespace, replicas: int, items: int) -> tuple[RunState, int]:

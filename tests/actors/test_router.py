@@ -349,11 +349,11 @@ async def test_a_redelivered_request_is_routed_only_if_its_run_still_waits_on_it
             await msg.nak()  # the first delivery fails: the router gets the second
         await first.unsubscribe()
         async with routers(bus):
-            [task] = await lane_tasks(bus, FRAUD)
+            [landed] = await lane_tasks(bus, FRAUD)
             await eventually(lambda: route_queue_empty(bus), what="requests handled")
             routed = [f.task for f in await read_facts(bus, ns.audit("router"))]
 
-    assert task.task == live
+    assert landed.task == live
     assert routed == [live]
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import jsonschema
 import kubernetes_validate
@@ -107,7 +107,7 @@ def test_the_service_monitor_matches_its_crd_schema_and_selects_every_daemon() -
 
 def _container(deployment: dict[str, Any]) -> dict[str, Any]:
     [container] = deployment["spec"]["template"]["spec"]["containers"]
-    return container
+    return cast(dict[str, Any], container)
 
 
 @pytest.mark.parametrize("actor", sorted(REGISTRY))

@@ -204,6 +204,7 @@ async def test_replicas_killed_under_load_lose_no_run_and_double_no_step(
         facts = await read_facts(bus)
 
     assert 0 < killed_at < total, "the kill did not come in the middle of the load"
+    assert runs is not None
     assert len(runs) == total  # none lost, none doubled
     assert {r.key for r in runs} == {run_key(f"load-{n}", "e2e-load") for n in range(total)}
     assert {r.status for r in runs} == {"DONE"}

@@ -15,7 +15,7 @@ from hms_bus.demo.events import DEMO_EVENTS
 from hms_bus.demo.progress import describe_change, table
 from hms_bus.demo.workers import ANSWERS, lanes_of, missing_lanes
 from hms_bus.workflow.loader import load_workflow
-from hms_bus.workflow.state import Decision, RunState, StepState, TaskState
+from hms_bus.workflow.state import Decision, RunState, StepState, StepStates, TaskState
 
 REPO = Path(__file__).resolve().parents[2]
 HMS = Path(sys.executable).parent / "hms"
@@ -58,7 +58,7 @@ def _run(status: str, steps: dict[str, StepState], **kw: object) -> RunState:
         key="k",
         started_at=T0,
         updated_at=T0,
-        steps=steps,
+        steps=StepStates(steps),
         **kw,  # type: ignore[arg-type]
     )
 

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
 
 import anyio
@@ -17,7 +17,7 @@ from anyio.abc import TaskStatus
 from nats.aio.client import Client
 
 from hms_bus.daemon import Daemon
-from hms_bus.health import check
+from hms_bus.health import CheckReport, check
 from hms_bus.messages import Event, encode
 from hms_bus.subjects import Namespace
 from tests.helpers import eventually
@@ -36,6 +36,7 @@ async def test_daemon_beats_serves_metrics_and_stops_on_request(
         report = await eventually(
             lambda: _ok(check(daemon.settings, ["slow"])), what="heartbeat of 'slow'"
         )
+        assert report is not None
         assert [b.actor for b in report.alive] == ["slow"]
         body = await anyio.to_thread.run_sync(_scrape, daemon.metrics_port)
         assert 'hms_heartbeats_total{actor="slow"}' in body
@@ -98,14 +99,15 @@ async def test_a_start_that_fails_for_good_fails_at_once(nats_url: str, ns: Name
     assert len(starts) == 1
 
 
-async def _ok(probe: object) -> object:
-    report = await probe  # type: ignore[misc]
+async def _ok(probe: Awaitable[CheckReport]) -> CheckReport | None:
+    report = await probe
     return report if report.ok else None
 
 
 def _scrape(port: int | None) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        return resp.read().decode()
+        body: bytes = resp.read()
+    return body.decode()
 
 
 @pytest.fixture
