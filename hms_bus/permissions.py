@@ -21,7 +21,8 @@ per lane (`worker-<KIND>-<name>`: pull its own lane, publish its results, heartb
 in the worker registry), one notifier user per channel kind (`notifier-<kind>`: pull
 its notifications), `publisher` (publish events and start runs, read run
 state and history: it cannot steer a run or approve a checkpoint), `clerk` (human
-lanes: the inbox, results of human lanes, approve/reject; run state and history),
+lanes: the inbox, claim/release, results of human lanes, approve/reject; run state
+and history),
 `operator` (the CLI: everything under the root, and the JetStream API to create the
 topology) and `exporter` (Prometheus: read-only stream and consumer info).
 
@@ -276,6 +277,8 @@ def roles(
         _Grants()
         .publish(
             ns.results_of_kind("HUMAN"),
+            ns.command("claim"),
+            ns.command("release"),
             ns.command("approve"),
             ns.command("reject"),
         )

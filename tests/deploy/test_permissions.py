@@ -34,8 +34,10 @@ from hms_bus.health import check
 from hms_bus.lanes import ensure_lane
 from hms_bus.messages import (
     Approve,
+    ClaimTask,
     Event,
     Notify,
+    ReleaseTask,
     RouteTask,
     Task,
     TaskCompleted,
@@ -255,7 +257,13 @@ async def publisher_approves(s: Secured, nc: Nats) -> None:
     await s.refused("publisher", s.ns.command("approve"))
 
 
-async def clerk_approves(s: Secured, nc: Nats) -> None:
+async def clerk_claims_releases_and_approves(s: Secured, nc: Nats) -> None:
+    # What `hms task claim|release` and `hms approve` publish, after the inbox's own
+    # compare-and-set (a KV write the clerk may make).
+    claim = ClaimTask(id="R/s/1/claim/1", run="R", task="R/s/1", by="alice")
+    await _js_publish(nc, s.ns.command("claim"), encode(claim))
+    release = ReleaseTask(id="R/s/1/release/2", run="R", task="R/s/1", by="alice")
+    await _js_publish(nc, s.ns.command("release"), encode(release))
     approve = Approve(id="a-2", run="R", step="s", by="alice", reason="photo is fine")
     await _js_publish(nc, s.ns.command("approve"), encode(approve))
 
@@ -314,7 +322,7 @@ CASES: dict[str, tuple[Action, Action]] = {
     "worker-AI-alpha": (worker_pulls_its_lane_and_reports, worker_commands_and_reads_another_lane),
     "notifier-slack": (notifier_pulls_its_kind, notifier_sends_notifications),
     "publisher": (publisher_publishes_and_reads, publisher_approves),
-    "clerk": (clerk_approves, clerk_cancels),
+    "clerk": (clerk_claims_releases_and_approves, clerk_cancels),
     "operator": (operator_creates, operator_leaves_its_root),
     "exporter": (exporter_reads_info, exporter_reads_a_message),
 }
