@@ -63,6 +63,7 @@ def build() -> Workflow:
                 when='payload.delivery == "physical"',
                 optional=True,
                 input={"address": "payload.mailingAddress", "card": "results.generate_pdf.url"},
+                skills=["ship_physical"],
                 sla="24h",
                 on_timeout=Action(reassign="SVC:courier"),
             ),

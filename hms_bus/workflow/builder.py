@@ -151,6 +151,7 @@ class Task(StepSpec):
         human: str | None = None,
         svc: str | None = None,
         input: Mapping[str, str] | None = None,
+        skills: Sequence[str] | None = None,
         sla: str | float | model.Duration | Mapping[str, Any] | None = None,
         retry: int | Mapping[str, Any] | model.Retry | None = None,
         on_timeout: str | Mapping[str, Any] | model.Escalation | None = None,
@@ -161,9 +162,9 @@ class Task(StepSpec):
         on_failure: str | None = None,
     ) -> None:
         super().__init__(
-            id=id, actor=_actor(actor, ai, human, svc), input=input, sla=sla, retry=retry,
-            on_timeout=on_timeout, needs=needs, when=when, next=next, optional=optional,
-            on_failure=on_failure,
+            id=id, actor=_actor(actor, ai, human, svc), input=input, skills=skills, sla=sla,
+            retry=retry, on_timeout=on_timeout, needs=needs, when=when, next=next,
+            optional=optional, on_failure=on_failure,
         )  # fmt: skip
 
 
@@ -183,6 +184,7 @@ class Checkpoint(StepSpec):
         *,
         approvals: int | None = None,
         not_by: Sequence[str] | None = None,
+        skills: Sequence[str] | None = None,
         on_reject: str | None = None,
         sla: str | float | model.Duration | Mapping[str, Any] | None = None,
         on_timeout: str | Mapping[str, Any] | model.Escalation | None = None,
@@ -194,7 +196,7 @@ class Checkpoint(StepSpec):
     ) -> None:
         super().__init__(
             id=id, type="checkpoint", role=role, approvals=approvals, not_by=not_by,
-            on_reject=on_reject, sla=sla, on_timeout=on_timeout, needs=needs, when=when,
+            skills=skills, on_reject=on_reject, sla=sla, on_timeout=on_timeout, needs=needs, when=when,
             next=next, optional=optional, on_failure=on_failure,
         )  # fmt: skip
 
@@ -238,6 +240,7 @@ class Fanout(StepSpec):
         svc: str | None = None,
         as_: str | None = None,
         input: Mapping[str, str] | None = None,
+        skills: Sequence[str] | None = None,
         join: str | Mapping[str, int] | model.Join | None = None,
         sla: str | float | model.Duration | Mapping[str, Any] | None = None,
         retry: int | Mapping[str, Any] | model.Retry | None = None,
@@ -250,7 +253,7 @@ class Fanout(StepSpec):
     ) -> None:
         super().__init__(
             id=id, type="fanout", over=over, actor=_actor(actor, ai, human, svc), input=input,
-            join=join, sla=sla, retry=retry, on_timeout=on_timeout, needs=needs, when=when,
+            skills=skills, join=join, sla=sla, retry=retry, on_timeout=on_timeout, needs=needs, when=when,
             next=next, optional=optional, on_failure=on_failure,
         )  # fmt: skip
         if as_ is not None:

@@ -114,8 +114,11 @@ class _StepBase(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
 
 
 class TaskStep(_StepBase, tag="task", frozen=True):
+    """`skills`: what the lane that takes it must offer (see `hms_bus.routing`)."""
+
     actor: str
     input: dict[str, str] | None = None
+    skills: tuple[str, ...] = ()
     sla: Duration | None = None
     retry: Retry = Retry()
     on_timeout: Escalation | None = None
@@ -131,6 +134,7 @@ class CheckpointStep(_StepBase, tag="checkpoint", frozen=True):
     role: str
     approvals: int = 1
     not_by: tuple[str, ...] = ()
+    skills: tuple[str, ...] = ()
     on_reject: str | None = None
     sla: Duration | None = None
     on_timeout: Escalation | None = None
@@ -141,6 +145,7 @@ class FanoutStep(_StepBase, tag="fanout", frozen=True):
     actor: str
     as_: str = msgspec.field(default="item", name="as")
     input: dict[str, str] | None = None
+    skills: tuple[str, ...] = ()
     join: Join = Join()
     sla: Duration | None = None
     retry: Retry = Retry()

@@ -41,6 +41,7 @@ __all__ = [
 _NO_RETRY = Retry()
 #: A tuple, not `TaskStep | FanoutStep`: on Python 3.11 that builds a union per call.
 _WORKER_STEP = (TaskStep, FanoutStep)
+_ROUTED = (TaskStep, FanoutStep, CheckpointStep)
 _RANK: dict[str, int] = {"IN_PROGRESS": 4, "DISPATCHED": 3, "RETRYING": 2, "READY": 1}
 
 
@@ -163,6 +164,7 @@ def dispatch(tx: Txn, sid: str, index: int) -> None:
             case=run.case,
             item=item,
             kind="checkpoint" if isinstance(step, CheckpointStep) else "task",
+            skills=step.skills if isinstance(step, _ROUTED) else (),
         )
     )
     data: dict[str, Any] = {"actor": actor}

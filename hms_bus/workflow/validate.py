@@ -34,10 +34,10 @@ TOP_KEYS = (
 )  # fmt: skip
 COMMON_KEYS = ("id", "type", "needs", "when", "next", "optional", "on_failure")
 STEP_KEYS = {
-    "task": ("actor", "input", "sla", "retry", "on_timeout"),
+    "task": ("actor", "input", "skills", "sla", "retry", "on_timeout"),
     "switch": ("expr", "cases", "default"),
-    "checkpoint": ("role", "approvals", "not_by", "on_reject", "sla", "on_timeout"),
-    "fanout": ("over", "as", "actor", "input", "join", "sla", "retry", "on_timeout"),
+    "checkpoint": ("role", "approvals", "not_by", "skills", "on_reject", "sla", "on_timeout"),
+    "fanout": ("over", "as", "actor", "input", "skills", "join", "sla", "retry", "on_timeout"),
     "wait": ("event", "limit", "on_timeout"),
 }
 ROOTS = ("payload", "results", "run")
@@ -218,12 +218,14 @@ def _step(ctx: Ctx, node: Node, step_id: str) -> Step | None:
         limit = ctx.positive_duration(node.get("limit"), f"'limit' of {where}")
         return WaitStep(**common, event=event or "", limit=limit, on_timeout=escalation)
     sla = ctx.positive_duration(node.get("sla"), f"'sla' of {where}")
+    skills = tuple(value for value, _ in ctx.texts(node.get("skills"), f"skill of {where}", True))
     if kind == "checkpoint":
         return CheckpointStep(
             **common,
             role=_role(ctx, ctx.required(node, "role", where), where) or "",
             approvals=ctx.integer(node.get("approvals"), f"'approvals' of {where}", 1) or 1,
             not_by=_not_by(ctx, node.get("not_by"), where, step_id),
+            skills=skills,
             on_reject=ctx.target(node.get("on_reject"), f"'on_reject' of {where}"),
             sla=sla,
             on_timeout=escalation,
@@ -236,6 +238,7 @@ def _step(ctx: Ctx, node: Node, step_id: str) -> Step | None:
             **common,
             actor=actor,
             input=task_input,
+            skills=skills,
             sla=sla,
             retry=retry or Retry(),
             on_timeout=escalation,
@@ -248,6 +251,7 @@ def _step(ctx: Ctx, node: Node, step_id: str) -> Step | None:
         actor=actor,
         as_=as_name,
         input=_input(ctx, node.get("input"), where, item_scope),
+        skills=skills,
         join=read_join(ctx, node.get("join"), where),
         sla=sla,
         retry=retry or Retry(),

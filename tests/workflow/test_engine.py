@@ -398,3 +398,28 @@ def test_input_mapping_error_fails_the_step_instead_of_crashing(reason: str) -> 
     else:
         assert d.task("a").input == {"x": None}  # a missing path is null
     assert not [e for e in d.effects if isinstance(e, ArmTimer) and e.purpose == "retry"]
+
+
+def test_every_attempt_asks_for_the_skills_of_its_step() -> None:
+    d = Driver(
+        workflow(
+            task("ship", skills=("ship_physical",), retry=Retry(attempts=2)),
+            review(skills=("spanish",)),
+            fanout(skills=("db", "read")),
+            task("plain"),
+        ),
+        PHONES,
+    )
+    first = d.task("ship")
+    d.fail("ship")
+    retried = d.task("ship")
+    d.complete("ship")
+
+    assert (first.attempt, first.skills) == (1, ("ship_physical",))
+    assert (retried.attempt, retried.skills) == (2, ("ship_physical",))
+    assert d.task("review").skills == ("spanish",)
+    decide(d, "ann")
+    assert [r.skills for r in d.routes("fan")] == [("db", "read")] * 3
+    for item in range(3):
+        d.complete("fan", {"v": item}, item=item)
+    assert d.task("plain").skills == ()

@@ -169,6 +169,24 @@ def test_wrong_values(extra: str, line: int, col: int, fragment: str) -> None:
     assert fragment in p.message
 
 
+def test_skills_are_a_list_of_names() -> None:
+    wf = load_workflow_text(
+        HEAD
+        + "  - id: a\n    actor: HUMAN:clerk\n    skills: [spanish, ship_physical]\n"
+        + "  - id: b\n    type: checkpoint\n    role: officer\n    skills: spanish\n"
+    )
+    p = only(HEAD + "  - id: a\n    actor: AI:x\n    skills: [ok, not ok]\n")
+
+    assert [getattr(step, "skills", None) for step in wf.steps] == [
+        ("spanish", "ship_physical"),
+        ("spanish",),
+    ]
+    assert at(p) == (6, 18)
+    assert p.message == (
+        "skill of step 'a' 'not ok' is not valid: use letters, digits, '_' and '-' only"
+    )
+
+
 def test_checkpoint_rules() -> None:
     text = steps(
         """\
