@@ -185,11 +185,19 @@ def _retry(tx: Txn, sid: str) -> Retry:
     return step.retry if isinstance(step, _WORKER_STEP) else _NO_RETRY
 
 
+def _in_inbox(task: TaskState) -> bool:
+    """Whether the attempt waits in the human inbox (a human lane took it, or it is
+    for a human actor and not routed yet). A result that ends it withdraws it from
+    there, whoever published the result and whatever became of the entry: a clerk
+    tool that crashed after publishing, or one that only publishes (subjects.md)."""
+    return (task.lane or task.actor).startswith("HUMAN:")
+
+
 def complete_unit(tx: Txn, sid: str, index: int, output: dict[str, Any], by: str) -> None:
     u = tx.unit(sid, index)
     assert u.task is not None
     task = tx.task(u.task)
-    close_task(tx, u.task, "COMPLETED", "completed", cancel=False)
+    close_task(tx, u.task, "COMPLETED", "completed", cancel=_in_inbox(task), fact=False)
     task.by = by
     u.status = "DONE"
     u.by = by
@@ -221,7 +229,8 @@ def fail_unit(
     retry = _retry(tx, sid)
     data: dict[str, Any] = {}
     if u.task is not None and tx.run.tasks[u.task].status in OPEN_TASK:
-        close_task(tx, u.task, "FAILED", error, cancel=False)
+        ended = tx.run.tasks[u.task]
+        close_task(tx, u.task, "FAILED", error, cancel=_in_inbox(ended), fact=False)
         tx.task(u.task).error = error
         u.failures += 1
         data = {"retryable": retryable, "try": f"{u.failures}/{retry.attempts}"}
