@@ -196,8 +196,8 @@ class Checkpoint(StepSpec):
     ) -> None:
         super().__init__(
             id=id, type="checkpoint", role=role, approvals=approvals, not_by=not_by,
-            skills=skills, on_reject=on_reject, sla=sla, on_timeout=on_timeout, needs=needs, when=when,
-            next=next, optional=optional, on_failure=on_failure,
+            skills=skills, on_reject=on_reject, sla=sla, on_timeout=on_timeout, needs=needs,
+            when=when, next=next, optional=optional, on_failure=on_failure,
         )  # fmt: skip
 
 
@@ -253,8 +253,8 @@ class Fanout(StepSpec):
     ) -> None:
         super().__init__(
             id=id, type="fanout", over=over, actor=_actor(actor, ai, human, svc), input=input,
-            skills=skills, join=join, sla=sla, retry=retry, on_timeout=on_timeout, needs=needs, when=when,
-            next=next, optional=optional, on_failure=on_failure,
+            skills=skills, join=join, sla=sla, retry=retry, on_timeout=on_timeout, needs=needs,
+            when=when, next=next, optional=optional, on_failure=on_failure,
         )  # fmt: skip
         if as_ is not None:
             self.data["as"] = as_
@@ -350,6 +350,7 @@ def workflow(
     title: str | None = None,
     start: str | Sequence[str] = (),
     sla: str | float | model.Duration | Mapping[str, Any] | None = None,
+    on_timeout: str | Mapping[str, Any] | model.Escalation | None = None,
     calendar: str | None = None,
     case: str | None = None,
     sensitive: Sequence[str] = (),
@@ -362,8 +363,9 @@ def workflow(
             raise TypeError(f"steps must be Task, Checkpoint, Switch, Fanout or Wait; got {step!r}")
     data = _drop_none(
         id=id, version=version, title=title, prefix=prefix,
-        start=[start] if isinstance(start, str) else list(start), sla=sla, calendar=calendar,
-        case=case, sensitive=list(sensitive) or None, calendars=calendars,
+        start=[start] if isinstance(start, str) else list(start), sla=sla,
+        on_timeout=on_timeout, calendar=calendar, case=case, sensitive=list(sensitive) or None,
+        calendars=calendars,
     )  # fmt: skip
     # The step dicts themselves (not copies): `where` finds each one's call site by id.
     data["steps"] = [step.data for step in steps]

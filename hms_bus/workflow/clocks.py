@@ -33,6 +33,7 @@ __all__ = [
     "stop_run_clock",
     "stop_step_clock",
     "take_point",
+    "take_run_point",
 ]
 
 _replace = msgspec.structs.replace
@@ -121,20 +122,33 @@ def arm_next(tx: Txn, sid: str) -> None:
     start_step_clock(tx, sid)
 
 
-def start_run_clock(tx: Txn) -> None:
+def start_run_clock(tx: Txn, *, again: bool = False) -> None:
+    """Start the run's clock (or restart it after a pause, a wait, or with `again` a
+    point that fired) and arm its next point, if it has one left."""
     duration = tx.wf.sla
     run = tx.run
-    if duration is None or run.clock is None or run.clock.started is not None:
+    if duration is None or run.clock is None:
         return
-    if run.clock.next > 0:  # already breached: it only counts on
-        left = duration.seconds - run.clock.used
-        deadline = tx.after(duration, left, tx.now)
-        run.clock = _replace(run.clock, started=tx.now, deadline=deadline, left=None)
-        return
-    clock = _running(tx, duration, run.clock, _RUN_POINTS)
+    clock = run.clock
+    if clock.started is not None:
+        if not again:
+            return
+        clock = _replace(clock, used=_used(tx, duration, clock), started=None)
+    clock = _running(tx, duration, clock, tx.plan.run_points)
     run.clock = clock
     if clock.due is not None:
-        tx.arm(run_timer(tx), clock.due, "run-sla", None, {"point": 0})
+        tx.arm(run_timer(tx), clock.due, "run-sla", None, {"point": clock.next})
+
+
+def take_run_point(tx: Txn, point: int) -> Point | None:
+    """The run clock's point whose timer fired, if it is still the next one; moves the
+    clock past it (the caller applies its actions, then re-arms)."""
+    clock = tx.run.clock
+    points = tx.plan.run_points
+    if clock is None or clock.next != point or point >= len(points):
+        return None
+    tx.run.clock = _replace(clock, next=point + 1, due=None)
+    return points[point]
 
 
 def stop_run_clock(tx: Txn) -> None:
@@ -150,6 +164,3 @@ def stop_run_clock(tx: Txn) -> None:
 
 def run_deadline(tx: Txn) -> datetime | None:
     return tx.run.clock.deadline if tx.run.clock is not None else None
-
-
-_RUN_POINTS = (Point(at=1.0, breach=True, actions=()),)

@@ -181,6 +181,9 @@ def _skip_dead(tx: Txn) -> bool:
             waiting = True
     if not waiting:
         return False
+    clock = tx.run.clock
+    if plan.run_reach and clock is not None and clock.next < len(plan.run_points):
+        possible |= plan.run_reach  # the run's on_timeout may still start these
     for sid in plan.with_needs:
         if status.get(sid) == "WAITING" and not any(
             status.get(n) in _BAD for n in plan.steps[sid].step.needs or ()

@@ -56,7 +56,9 @@ def routes(step: Step) -> Iterator[str]:
             yield rung.action.escalate
 
 
-def check_graph(ctx: Ctx, located: Sequence[tuple[Step, Node]]) -> None:
+def check_graph(ctx: Ctx, located: Sequence[tuple[Step, Node]], roots: Sequence[str] = ()) -> None:
+    """Report needs cycles, flow loops and steps nothing can activate; `roots` are
+    steps the run's own `on_timeout` escalates to, which it can activate."""
     steps = [step for step, _ in located]
     nodes = {step.id: node for step, node in located}
     if not steps:
@@ -71,7 +73,7 @@ def check_graph(ctx: Ctx, located: Sequence[tuple[Step, Node]]) -> None:
         )
     in_cycle = _cycles(ctx, steps, nodes)
     _loops(ctx, steps, nodes)
-    _unreachable(ctx, steps, nodes, in_cycle)
+    _unreachable(ctx, steps, nodes, in_cycle, roots)
 
 
 def _cycles(ctx: Ctx, steps: Sequence[Step], nodes: dict[str, Node]) -> set[str]:
@@ -193,10 +195,15 @@ def _report_loop(
 
 
 def _unreachable(
-    ctx: Ctx, steps: Sequence[Step], nodes: dict[str, Node], in_cycle: set[str]
+    ctx: Ctx,
+    steps: Sequence[Step],
+    nodes: dict[str, Node],
+    in_cycle: set[str],
+    roots: Sequence[str],
 ) -> None:
     known = set(nodes)
     reached = {steps[0].id} | {step.id for step in steps if step.needs == ()}
+    reached |= {root for root in roots if root in known}
     edges: dict[str, set[str]] = {}
     for i, step in enumerate(steps):
         targets = {t for t in routes(step) if t in known}

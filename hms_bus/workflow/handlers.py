@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from msgspec.structs import replace
-
 from hms_bus.messages import (
     ClaimTask,
     Event,
@@ -25,7 +23,7 @@ from hms_bus.messages import (
     TaskUnroutable,
     TimerFired,
 )
-from hms_bus.workflow.clocks import arm_next, take_point
+from hms_bus.workflow.clocks import arm_next, start_run_clock, take_point, take_run_point
 from hms_bus.workflow.durations import format_duration
 from hms_bus.workflow.model import Action, CheckpointStep, WaitStep
 from hms_bus.workflow.outcome import (
@@ -232,7 +230,12 @@ def on_timer(tx: Txn, msg: TimerFired) -> None:
         return  # disarmed or re-armed since: a stale firing
     tx.take_timer(msg.timer)
     if msg.purpose == "run-sla":
-        _run_breach(tx)
+        point = take_run_point(tx, int(msg.data.get("point", 0)))
+        if point is not None:
+            _apply_run_point(tx, point)
+            clock = tx.run.clock
+            if tx.failure is None and clock is not None and clock.started is not None:
+                start_run_clock(tx, again=True)  # armed for the next rung, if any
         return
     sid = msg.step
     if sid is None or sid not in tx.plan.steps:
@@ -254,16 +257,32 @@ def on_timer(tx: Txn, msg: TimerFired) -> None:
         arm_next(tx, sid)
 
 
-def _run_breach(tx: Txn) -> None:
+def _apply_run_point(tx: Txn, point: Point) -> None:
+    """A point of the run's own clock: record it, then its actions (notify, start an
+    escalation step, fail the run)."""
     run = tx.run
-    if run.clock is not None:
-        run.clock = replace(run.clock, next=1, due=None)
-    run.sla_breached = True
     sla = tx.wf.sla
-    length = (sla.text or format_duration(sla.seconds)) if sla is not None else None
-    tx.fact(
-        "sla.breached", reason=f"run SLA {length} reached", data={"sla": length, "scope": "run"}
-    )
+    assert sla is not None
+    length = sla.text or format_duration(sla.seconds)
+    label = f"{point.at * 100:g}%"
+    data: dict[str, Any] = {
+        "sla": length, "scope": "run", "at": label,
+        "actions": [_describe(a) for a in point.actions],
+    }  # fmt: skip
+    why = f"run SLA {length} at {label}"
+    if point.breach:
+        run.sla_breached = True
+        tx.fact("sla.breached", reason=f"run SLA {length} reached", data=data)
+    else:
+        tx.fact("sla.rung", reason=why, data=data)
+    for action in point.actions:
+        for channel in action.notify:
+            tx.notify(channel, f"{run.run}: {why}", None)
+        if action.escalate:
+            tx.fact("escalated", reason=why, data={"to": action.escalate, "scope": "run"})
+            follow(tx, action.escalate)
+        elif action.fail and tx.failure is None:
+            tx.failure = f"run SLA {length} breached"
 
 
 def _describe(action: Action) -> str:

@@ -162,12 +162,16 @@ Step = TaskStep | SwitchStep | CheckpointStep | FanoutStep | WaitStep
 
 
 class Workflow(msgspec.Struct, frozen=True, kw_only=True):
+    """A workflow version. `on_timeout` escalates the run's own `sla` (notify, run an
+    escalation step, fail the run; or a ladder of these), as a step's does its own."""
+
     id: str
     version: int = 1
     title: str = ""
     prefix: str
     start: tuple[str, ...] = ()
     sla: Duration | None = None
+    on_timeout: Escalation | None = None
     calendar: str | None = None
     case: str | None = None
     sensitive: tuple[str, ...] = ()

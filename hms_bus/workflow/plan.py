@@ -84,6 +84,10 @@ class Plan:
     reach: dict[str, int]
     #: some expression reads `run.*` (the scope then carries the run's fields)
     reads_run: bool
+    #: the points of the run's own clock (its `sla`, escalated by its `on_timeout`)
+    run_points: tuple[Point, ...]
+    #: what the run's `on_timeout` escalations can activate (their targets' `reach`)
+    run_reach: int
 
 
 _KINDS: dict[type, str] = {
@@ -179,6 +183,10 @@ def _build(wf: Workflow) -> Plan:
     # `needs: []` steps are not here: `settle` starts them, as steps whose needs are met.
     initial = [wf.steps[0].id] if wf.steps and wf.steps[0].needs is None else []
     bit = {sid: 1 << i for i, sid in enumerate(steps)}
+    reach = {sid: _reach(sid, steps, bit) for sid in steps}
+    run_reach = 0
+    for target in _targets(wf.on_timeout):
+        run_reach |= reach.get(target, 0)
     return Plan(
         workflow=wf,
         steps=steps,
@@ -186,8 +194,10 @@ def _build(wf: Workflow) -> Plan:
         with_needs=tuple(s.id for s in wf.steps if s.needs is not None),
         initial=tuple(initial),
         bit=bit,
-        reach={sid: _reach(sid, steps, bit) for sid in steps},
+        reach=reach,
         reads_run=_reads_run(wf),
+        run_points=_points(wf.on_timeout) if wf.sla is not None else (),
+        run_reach=run_reach,
     )
 
 

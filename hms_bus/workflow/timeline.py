@@ -102,12 +102,12 @@ def describe(fact: Fact) -> str:
         return f"{s} retry{attempt} in {delay}{by}"
     if kind == "sla.breached":
         if not s:
-            return f"run SLA {d.get('sla')} breached"
+            return f"run SLA {d.get('sla')} breached{_actions(d)}"
         return f"{s} SLA breached ({d.get('sla')}){_actions(d)}"
     if kind == "sla.rung":
-        return f"{s} SLA at {d.get('at')} of {d.get('sla')}{_actions(d)}"
+        return f"{s or 'run'} SLA at {d.get('at')} of {d.get('sla')}{_actions(d)}"
     if kind == "escalated":
-        return f"{s} escalated to {d.get('to')}"
+        return f"{s or 'run'} escalated to {d.get('to')}"
     if kind == "checkpoint.approved":
         return f"{s} approved{by} ({d.get('approvals')}){why}"
     if kind == "checkpoint.rejected":

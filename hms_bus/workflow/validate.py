@@ -15,6 +15,7 @@ from hms_bus.workflow.graph import check_graph
 from hms_bus.workflow.model import (
     END,
     CheckpointStep,
+    Escalation,
     FanoutStep,
     Retry,
     Step,
@@ -29,7 +30,7 @@ from hms_bus.workflow.source import Node, Problem
 __all__ = ["COMMON_KEYS", "STEP_KEYS", "TOP_KEYS", "build"]
 
 TOP_KEYS = (
-    "id", "version", "title", "prefix", "start", "sla", "calendar", "case",
+    "id", "version", "title", "prefix", "start", "sla", "on_timeout", "calendar", "case",
     "sensitive", "calendars", "steps",
 )  # fmt: skip
 COMMON_KEYS = ("id", "type", "needs", "when", "next", "optional", "on_failure")
@@ -88,12 +89,13 @@ def _workflow(ctx: Ctx, root: Node) -> Workflow | None:
     sensitive = _sensitive(ctx, root.get("sensitive"))
 
     step_nodes = _step_nodes(ctx, ctx.required(root, "steps", "the workflow"))
+    on_timeout = _run_escalation(ctx, root)  # after the step ids: it may name one
     steps: list[tuple[Step, Node]] = []
     for node, step_id, unique in step_nodes:
         step = _step(ctx, node, step_id)
         if step is not None and unique:
             steps.append((step, node))
-    check_graph(ctx, steps)
+    check_graph(ctx, steps, _targets(on_timeout))
     if wf_id is None or prefix is None or ctx.problems:
         return None
     return Workflow(
@@ -103,12 +105,38 @@ def _workflow(ctx: Ctx, root: Node) -> Workflow | None:
         prefix=prefix,
         start=start,
         sla=sla,
+        on_timeout=on_timeout,
         calendar=ctx.default_calendar,
         case=case,
         sensitive=sensitive,
         calendars=ctx.calendars,
         steps=tuple(step for step, _ in steps),
     )
+
+
+def _run_escalation(ctx: Ctx, root: Node) -> Escalation | None:
+    """The run's `on_timeout`: what a step's may do, except what only a step can (move
+    its attempt to another lane)."""
+    node = root.get("on_timeout")
+    if node is None:
+        return None
+    if root.get("sla") is None:
+        key = (root.keys or {})["on_timeout"]
+        ctx.error(key, "on_timeout of the run has no clock to run out: give the workflow 'sla'")
+    escalation = read_escalation(ctx, node, "the run")
+    if escalation is not None and any(r.action.reassign for r in escalation.rungs):
+        ctx.error(
+            node,
+            "on_timeout of the run cannot 'reassign' (a run has no lane; a step's "
+            "on_timeout can): notify, escalate to a step, or fail",
+        )
+    return escalation
+
+
+def _targets(escalation: Escalation | None) -> tuple[str, ...]:
+    if escalation is None:
+        return ()
+    return tuple(r.action.escalate for r in escalation.rungs if r.action.escalate)
 
 
 def _workflow_id(ctx: Ctx, node: Node | None) -> str | None:

@@ -228,3 +228,67 @@ def test_no_clock_arms_anything_for_a_step_without_sla() -> None:
     d = Driver(workflow(review()))
     assert not [e for e in d.effects if isinstance(e, ArmTimer)]
     assert d.task("review").deadline is None
+
+
+def run_ladder(*rungs: tuple[float, Action]) -> dict[str, Any]:
+    """The run's own `sla` of 48h, escalated by these rungs."""
+    return sla(48, *rungs)
+
+
+SUPERVISOR = TaskStep(id="supervisor_review", actor="HUMAN:supervisor")
+#: the work, ending the branch: the supervisor's step is only the run SLA's to start
+WORK = TaskStep(id="review", actor="HUMAN:investigator", next="end")
+
+
+def test_the_run_sla_escalates_by_its_own_ladder() -> None:
+    wf = workflow(
+        WORK,
+        SUPERVISOR,
+        **run_ladder(
+            (0.75, Action(notify=("slack:#desk",))),
+            (1.0, Action(notify=("email:head@example.gov",), escalate="supervisor_review")),
+            (1.5, Action(fail=True)),
+        ),
+    )
+    d = Driver(wf)
+    assert d.status("supervisor_review") == "WAITING"  # not dead: the run SLA may start it
+    assert d.armed(f"{RUN}/run-sla").due_at == T0 + timedelta(hours=36)
+    d.fire(f"{RUN}/run-sla")  # 75%
+    assert d.notified() == ["slack:#desk"]
+    assert d.armed(f"{RUN}/run-sla").due_at == T0 + timedelta(hours=48)
+    d.fire(f"{RUN}/run-sla")  # 100%: breached, a supervisor steps in
+    assert d.run.sla_breached
+    assert d.notified() == ["slack:#desk", "email:head@example.gov"]
+    assert d.status("supervisor_review") == "DISPATCHED"
+    assert d.status("review") == "DISPATCHED"  # the work goes on beside it
+    assert d.armed(f"{RUN}/run-sla").due_at == T0 + timedelta(hours=72)
+    d.fire(f"{RUN}/run-sla")  # 150%
+    assert d.run_status() == "FAILED"
+    assert d.run.reason == "run SLA 48h breached"
+    kinds = [(f.kind, f.data.get("at")) for f in d.facts() if f.step is None]
+    assert ("sla.rung", "75%") in kinds
+    assert ("sla.breached", "100%") in kinds
+    assert ("sla.rung", "150%") in kinds
+    assert [f.data for f in d.facts("escalated")] == [{"to": "supervisor_review", "scope": "run"}]
+
+
+def test_a_run_done_in_time_skips_its_escalation_step() -> None:
+    d = Driver(
+        workflow(WORK, SUPERVISOR, **run_ladder((1.0, Action(escalate="supervisor_review"))))
+    )
+    d.complete("review")
+    assert d.run_status() == "DONE"
+    assert d.status("supervisor_review") == "SKIPPED"
+    assert f"{RUN}/run-sla" not in d.run.timers
+
+
+def test_a_paused_run_clock_keeps_its_next_rung() -> None:
+    d = Driver(workflow(review(), **run_ladder((0.5, Action(notify=("slack:#desk",))))))
+    d.fire(f"{RUN}/run-sla")  # 50% at 24h
+    d.now += timedelta(hours=4)
+    d.apply(PauseRun(id="p", run=RUN, by="sup", reason="citizen on leave"))
+    assert f"{RUN}/run-sla" not in d.run.timers
+    d.now += timedelta(hours=100)
+    d.apply(ResumeRun(id="r", run=RUN, by="sup", reason="back"))
+    # 28h used: the breach (100%) is 20h away
+    assert d.armed(f"{RUN}/run-sla").due_at == d.now + timedelta(hours=20)

@@ -153,3 +153,64 @@ def test_escalation_forms() -> None:
         True,
         ("sms:+1-202-555-0123",),
     )
+
+
+RUN_LADDER = """\
+id: w
+prefix: W
+sla: 48h
+on_timeout:
+  ladder:
+    - {at: 75%, notify: ["slack:#desk"]}
+    - {at: 100%, escalate: supervisor_review}
+steps:
+  - id: review
+    actor: HUMAN:clerk
+    next: end
+  - id: supervisor_review
+    actor: HUMAN:supervisor
+"""
+
+
+def test_the_run_escalates_by_its_own_on_timeout() -> None:
+    wf = load_workflow_text(RUN_LADDER)
+    assert wf.on_timeout is not None
+    assert [(r.at, r.action.notify, r.action.escalate) for r in wf.on_timeout.rungs] == [
+        (0.75, ("slack:#desk",), None),
+        (1.0, (), "supervisor_review"),
+    ]
+    # the step only the run's escalation starts is not unreachable
+    assert [s.id for s in wf.steps] == ["review", "supervisor_review"]
+
+
+@pytest.mark.parametrize(
+    ("edit", "line", "col", "fragment"),
+    [
+        (
+            ("sla: 48h\n", ""),
+            3,
+            1,
+            "on_timeout of the run has no clock to run out: give the workflow 'sla'",
+        ),
+        (
+            ('notify: ["slack:#desk"]', "reassign: HUMAN:boss"),
+            5,
+            3,
+            "on_timeout of the run cannot 'reassign' (a run has no lane",
+        ),
+    ],
+)
+def test_run_on_timeout_problems(edit: tuple[str, str], line: int, col: int, fragment: str) -> None:
+    p = only(RUN_LADDER.replace(*edit))
+    assert at(p) == (line, col)
+    assert fragment in p.message
+
+
+def test_a_run_escalation_to_an_unknown_step_and_what_it_leaves_unreachable() -> None:
+    first, second = problems(RUN_LADDER.replace("escalate: supervisor_review", "escalate: nobody"))
+    assert at(first) == (7, 28)
+    assert first.message.startswith(
+        "'escalate' of rung 2 of the ladder of the run names step 'nobody', which does not exist"
+    )
+    assert at(second) == (12, 9)
+    assert second.message.startswith("step 'supervisor_review' is unreachable")
