@@ -32,6 +32,7 @@ from nats.js.kv import KeyValue
 
 from hms_bus import stats_report
 from hms_bus.connection import Bus, open_bus
+from hms_bus.desk import Desk
 from hms_bus.errors import HmsError, NotFoundError
 from hms_bus.ledger import reader as ledger_reader
 from hms_bus.ledger.timeline import TimelineEntry
@@ -133,6 +134,8 @@ class Client:
     def __init__(self, bus: Bus, *, start_timeout: float = START_TIMEOUT) -> None:
         self.bus = bus
         self.start_timeout = start_timeout
+        #: the human inbox and moving tasks (list, claim, complete, reassign, ...)
+        self.desk = Desk(bus)
         self._kv: KeyValue | None = None
         self._runs: RunStore | None = None
         self._registry: Registry | None = None

@@ -1,11 +1,8 @@
 """`hms task ...`: the human inbox (list, claim, release, complete, fail) and moving
-any task to another lane (reassign, reroute).
-
-Clerks act on the inbox bucket directly: a claim is a compare-and-set there, so two
-clerks never both hold a task, and it works while no actor runs. What the run must
-know (claimed, released, completed, failed, rerouted) is then published to the
-dispatcher with an id derived from the task (and, for claims, the KV revision the
-claim produced), so a retried command is stored once.
+any task to another lane (reassign, reroute), over `hms_bus.desk.Desk`, which says
+how each works (claims are a compare-and-set on the inbox, so two clerks never both
+hold a task, and it works while no actor runs; every message has an id derived from
+the task, so a retried command is stored once).
 
 Exit codes: 0 done; 1 an unknown task, a task held by someone else, an unreachable
 server; 2 a bad argument (JSON, lane). Every read command has `--json`. The small
@@ -21,13 +18,11 @@ from typing import Any
 
 import msgspec
 import typer
-from nats.js.kv import KeyValue
 
 from hms_bus import inbox
 from hms_bus.cli.common import fail_usage, handle_errors, run_async, settings_of
 from hms_bus.connection import Bus, open_bus
-from hms_bus.errors import InvalidNameError, NotFoundError
-from hms_bus.messages import ClaimTask, ReleaseTask, RerouteTask, TaskCompleted, TaskFailed
+from hms_bus.desk import Desk
 from hms_bus.subjects import Lane
 
 __all__ = ["JSON_OPT", "age", "app", "print_json", "run_with_bus", "table"]
@@ -71,10 +66,6 @@ def age(since: datetime, now: datetime) -> str:
     return f"{m}m{s % 60:02d}s" if m else f"{s}s"
 
 
-async def _inbox(bus: Bus) -> KeyValue:
-    return await bus.js.key_value(bus.ns.inbox_bucket)
-
-
 # -- hms task ---------------------------------------------------------------------------
 @app.command("list")
 @handle_errors
@@ -87,7 +78,7 @@ def list_cmd(
     only = Lane.parse(lane) if lane else None
 
     async def go(bus: Bus) -> list[inbox.InboxEntry]:
-        return await inbox.list_items(await _inbox(bus), only)
+        return await Desk(bus).tasks(only)
 
     entries: list[inbox.InboxEntry] = run_with_bus(ctx, go)
     now = datetime.now(UTC)
@@ -137,12 +128,7 @@ def claim_cmd(ctx: typer.Context, task: str = typer.Argument(...), by: str = BY_
     """Take a human task: nobody else can complete it until you release it."""
 
     async def go(bus: Bus) -> None:
-        entry = await inbox.claim(await _inbox(bus), task, by)
-        t = entry.item.task
-        await bus.publish(
-            bus.ns.command("claim"),
-            ClaimTask(id=f"{task}/claim/{entry.revision}", run=t.run, task=task, by=by),
-        )
+        await Desk(bus).claim(task, by)
 
     run_with_bus(ctx, go)
     typer.echo(f"{task} claimed by {by}")
@@ -154,35 +140,10 @@ def release_cmd(ctx: typer.Context, task: str = typer.Argument(...), by: str = B
     """Give a claimed task back to its lane."""
 
     async def go(bus: Bus) -> None:
-        entry = await inbox.release(await _inbox(bus), task, by)
-        t = entry.item.task
-        await bus.publish(
-            bus.ns.command("release"),
-            ReleaseTask(id=f"{task}/release/{entry.revision}", run=t.run, task=task, by=by),
-        )
+        await Desk(bus).release(task, by)
 
     run_with_bus(ctx, go)
     typer.echo(f"{task} released by {by}")
-
-
-def _finish(
-    ctx: typer.Context, task: str, by: str, result: Callable[[inbox.InboxEntry], Any]
-) -> None:
-    """Claim (so nobody else finishes it meanwhile), publish the result, await its
-    ack, and only then take the task out of the inbox."""
-
-    async def go(bus: Bus) -> None:
-        kv = await _inbox(bus)
-        found = await inbox.find(kv, task)
-        if found is not None and found.item.task.kind == "checkpoint":
-            raise InvalidNameError(
-                f"{task} is a checkpoint: decide it with `hms approve` or `hms reject`"
-            )
-        entry = await inbox.claim(kv, task, by)
-        await bus.publish(bus.ns.result(entry.lane), result(entry))
-        await inbox.remove(kv, task)
-
-    run_with_bus(ctx, go)
 
 
 @app.command("complete")
@@ -200,21 +161,11 @@ def complete_cmd(
         raise fail_usage(f"--data is not valid JSON: {exc}") from None
     if not isinstance(output, dict):
         raise fail_usage(f'--data must be a JSON object like \'{{"verdict": "ok"}}\', got {data!r}')
-    _finish(
-        ctx,
-        task,
-        by,
-        lambda e: TaskCompleted(
-            id=f"{task}/done",
-            task=task,
-            run=e.item.task.run,
-            step=e.item.task.step,
-            attempt=e.item.task.attempt,
-            by=by,
-            output=output,
-            at=datetime.now(UTC),
-        ),
-    )
+
+    async def go(bus: Bus) -> None:
+        await Desk(bus).complete(task, by, output)
+
+    run_with_bus(ctx, go)
     typer.echo(f"{task} completed by {by}")
 
 
@@ -228,41 +179,17 @@ def fail_cmd(
     permanent: bool = typer.Option(False, "--permanent", help="skip the step's remaining retries"),
 ) -> None:
     """Report that a human task cannot be done (the step's retry policy decides)."""
-    _finish(
-        ctx,
-        task,
-        by,
-        lambda e: TaskFailed(
-            id=f"{task}/failed",
-            task=task,
-            run=e.item.task.run,
-            step=e.item.task.step,
-            attempt=e.item.task.attempt,
-            error=reason,
-            by=by,
-            retryable=not permanent,
-            at=datetime.now(UTC),
-        ),
-    )
+
+    async def go(bus: Bus) -> None:
+        await Desk(bus).fail(task, by, reason, permanent=permanent)
+
+    run_with_bus(ctx, go)
     typer.echo(f"{task} failed by {by}" + (" (permanent)" if permanent else ""))
 
 
 def _move(ctx: typer.Context, task: str, to: str, by: str, reason: str, run: str | None) -> None:
     async def go(bus: Bus) -> None:
-        entry = await inbox.find(await _inbox(bus), task)
-        run_id = run or (entry.item.task.run if entry else None)
-        if run_id is None:
-            # Task ids are `<run>/<step>/<attempt>` (engine); run ids hold no `/`.
-            head, sep, _ = task.partition("/")
-            if not sep:
-                raise NotFoundError(f"no task {task!r} in the inbox; name its run with --run")
-            run_id = head
-        await bus.publish(
-            bus.ns.command("reroute"),
-            RerouteTask(
-                id=f"{task}/reroute/{to}", run=run_id, task=task, to=to, by=by, reason=reason
-            ),
-        )
+        await Desk(bus).reroute(task, to, by, reason, run=run)
 
     run_with_bus(ctx, go)
 
