@@ -56,6 +56,13 @@ def table(headers: list[str], rows: list[list[str]]) -> None:
         typer.echo("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
 
 
+def due(deadline: datetime | None, now: datetime) -> str:
+    """When the step's SLA runs out: `in 3h12m`, `late 20m00s`, or `-` with no SLA."""
+    if deadline is None:
+        return "-"
+    return f"in {age(now, deadline)}" if deadline >= now else f"late {age(deadline, now)}"
+
+
 def age(since: datetime, now: datetime) -> str:
     s = max(0, int((now - since).total_seconds()))
     d, h, m = s // 86400, s % 86400 // 3600, s % 3600 // 60
@@ -107,14 +114,16 @@ def list_cmd(
         typer.echo("no human tasks waiting" + (f" in {only}" if only else ""))
         return
     table(
-        ["TASK", "RUN", "STEP", "LANE", "AGE", "CLAIMED BY"],
+        ["TASK", "RUN", "STEP", "KIND", "LANE", "AGE", "DUE", "CLAIMED BY"],
         [
             [
                 e.item.task.task,
                 e.item.task.run,
                 e.item.task.step,
+                e.item.task.kind,
                 e.item.task.lane,
                 age(e.item.placed_at, now),
+                due(e.item.task.deadline, now),
                 e.item.claimed_by or "-",
             ]
             for e in entries

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
@@ -40,7 +41,12 @@ async def inbox_kv(url: str, ns: Namespace) -> AsyncIterator[tuple[Bus, KeyValue
         yield bus, await bus.js.key_value(ns.inbox_bucket)
 
 
-def task(task_id: str = "COM-1/review/1", lane: Lane = INVESTIGATOR, kind: str = "task") -> Task:
+def task(
+    task_id: str = "COM-1/review/1",
+    lane: Lane = INVESTIGATOR,
+    kind: str = "task",
+    deadline: datetime | None = None,
+) -> Task:
     return Task(
         id=f"{task_id}/task",
         task=task_id,
@@ -53,6 +59,7 @@ def task(task_id: str = "COM-1/review/1", lane: Lane = INVESTIGATOR, kind: str =
         lane=str(lane),
         kind=kind,
         input={"complaint": "robocall"},
+        deadline=deadline,
     )
 
 
@@ -157,11 +164,13 @@ def read(url: str, ns: Namespace, stream: str, subject: str, types: Any, n: int 
 
 
 def test_claim_then_complete_through_the_cli(nats_url: str, ns: Namespace) -> None:
-    setup(nats_url, ns, task())
+    late = datetime.now(UTC) - timedelta(minutes=20, seconds=30)
+    setup(nats_url, ns, task(), task("COM-2/review/1", deadline=late))
 
     listed = hms(nats_url, ns, "task", "list", "--lane", "HUMAN:investigator", "--json")
     assert listed.exit_code == 0, listed.output
-    [row] = json.loads(listed.stdout)
+    row, overdue = json.loads(listed.stdout)
+    assert overdue["task"] == "COM-2/review/1"
     assert (row["task"], row["claimed_by"], row["input"]) == (
         "COM-1/review/1",
         None,
@@ -170,8 +179,13 @@ def test_claim_then_complete_through_the_cli(nats_url: str, ns: Namespace) -> No
 
     assert hms(nats_url, ns, "task", "claim", "COM-1/review/1", "--by", "alice").exit_code == 0
     table = hms(nats_url, ns, "task", "list").stdout.splitlines()
-    assert table[0].split() == ["TASK", "RUN", "STEP", "LANE", "AGE", "CLAIMED", "BY"]
-    assert table[1].split()[-1] == "alice"
+    assert table[0].split() == [
+        "TASK", "RUN", "STEP", "KIND", "LANE", "AGE", "DUE", "CLAIMED", "BY",
+    ]  # fmt: skip
+    assert table[1].split()[3] == "task"
+    assert table[1].split()[-2:] == ["-", "alice"]  # no SLA; claimed
+    late_by = table[2].split()[-3:]
+    assert (late_by[0], late_by[1][:3], late_by[2]) == ("late", "20m", "-")
 
     refused = hms(nats_url, ns, "task", "complete", "COM-1/review/1", "--by", "bob")
     assert refused.exit_code == 1
@@ -200,7 +214,9 @@ def test_claim_then_complete_through_the_cli(nats_url: str, ns: Namespace) -> No
     [claim] = read(nats_url, ns, ns.commands_stream, ns.command("claim"), COMMAND_TYPES)
     assert isinstance(claim, ClaimTask)
     assert (claim.task, claim.by) == ("COM-1/review/1", "alice")
-    assert hms(nats_url, ns, "task", "list", "--json").stdout.strip() == "[]"
+    assert [r["task"] for r in json.loads(hms(nats_url, ns, "task", "list", "--json").stdout)] == [
+        "COM-2/review/1"
+    ]
 
 
 def test_fail_publishes_a_permanent_failure(nats_url: str, ns: Namespace) -> None:
