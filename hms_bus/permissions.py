@@ -22,7 +22,8 @@ in the worker registry), one notifier user per channel kind (`notifier-<kind>`: 
 its notifications), `publisher` (publish events and start runs, read run
 state and history: it cannot steer a run or approve a checkpoint), `clerk` (human
 lanes: the inbox, claim/release, results of human lanes, approve/reject; run state
-and history),
+and history), `supervisor` (a clerk who may also pause, resume, cancel and retry
+runs, reassign and reroute tasks, and read the business metrics),
 `operator` (the CLI: everything under the root, and the JetStream API to create the
 topology) and `exporter` (Prometheus: read-only stream and consumer info).
 
@@ -273,19 +274,31 @@ def roles(
         .ledger_read(ns)
     )
 
-    clerk = (
-        _Grants()
-        .publish(
-            ns.results_of_kind("HUMAN"),
-            ns.command("claim"),
-            ns.command("release"),
-            ns.command("approve"),
-            ns.command("reject"),
+    def desk() -> _Grants:
+        """What people at the inbox need: human results, claims, decisions, reads."""
+        return (
+            _Grants()
+            .publish(
+                ns.results_of_kind("HUMAN"),
+                ns.command("claim"),
+                ns.command("release"),
+                ns.command("approve"),
+                ns.command("reject"),
+            )
+            .kv_write(ns.inbox_bucket)
+            .kv_read(ns.runs_bucket)
+            .kv_read(ns.workflows_bucket)
+            .ledger_read(ns)
         )
-        .kv_write(ns.inbox_bucket)
-        .kv_read(ns.runs_bucket)
-        .kv_read(ns.workflows_bucket)
-        .ledger_read(ns)
+
+    clerk = desk()
+    # A supervisor also steers runs and moves work (hms run pause|resume|cancel|retry,
+    # hms task reassign|reroute) and reads the business metrics; the topology, the
+    # routing table, workflows and dead letters stay the operator's.
+    supervisor = (
+        desk()
+        .publish(*(ns.command(verb) for verb in ("pause", "resume", "cancel", "retry", "reroute")))
+        .kv_read(ns.stats_bucket)
     )
 
     operator = _Grants().publish(
@@ -317,6 +330,7 @@ def roles(
         *(_notifier(ns, kind) for kind in sorted(set(channel_kinds))),
         publisher.role("publisher", "portals: publish events, start runs, read run state"),
         clerk.role("clerk", "people at the inbox: human tasks, approvals"),
+        supervisor.role("supervisor", "a clerk who also steers runs and moves tasks"),
         operator.role("operator", "the hms CLI: everything, including the topology"),
         exporter.role("exporter", "Prometheus exporter: read-only JetStream info"),
     )

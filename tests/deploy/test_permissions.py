@@ -37,7 +37,9 @@ from hms_bus.messages import (
     ClaimTask,
     Event,
     Notify,
+    PauseRun,
     ReleaseTask,
+    RerouteTask,
     RouteTask,
     Task,
     TaskCompleted,
@@ -273,6 +275,23 @@ async def clerk_cancels(s: Secured, nc: Nats) -> None:
     await s.refused("clerk", s.ns.command("cancel"))
 
 
+async def supervisor_pauses_and_reroutes(s: Secured, nc: Nats) -> None:
+    pause = PauseRun(id="p-1", run="R", by="sam", reason="citizen asked")
+    await _js_publish(nc, s.ns.command("pause"), encode(pause))
+    reroute = RerouteTask(id="R/s/1/reroute/HUMAN:seniors", run="R", task="R/s/1",
+                          to="HUMAN:seniors", by="sam", reason="needs experience")  # fmt: skip
+    await _js_publish(nc, s.ns.command("reroute"), encode(reroute))
+    stats = await nc.jetstream().key_value(s.ns.stats_bucket)
+    with pytest.raises(nats.js.errors.KeyNotFoundError):
+        await stats.get("wf.none")  # allowed to ask: there is no such workflow
+
+
+async def supervisor_changes_the_routing_table(s: Secured, nc: Nats) -> None:
+    subject = f"$KV.{s.ns.routes_bucket}.AI.fraud"
+    await nc.publish(subject, b"{}")
+    await s.refused("supervisor", subject)
+
+
 async def operator_creates(s: Secured, nc: Nats) -> None:
     await ensure_lane(nc.jetstream(), s.ns, Lane("AI", "gamma"))
 
@@ -323,6 +342,7 @@ CASES: dict[str, tuple[Action, Action]] = {
     "notifier-slack": (notifier_pulls_its_kind, notifier_sends_notifications),
     "publisher": (publisher_publishes_and_reads, publisher_approves),
     "clerk": (clerk_claims_releases_and_approves, clerk_cancels),
+    "supervisor": (supervisor_pauses_and_reroutes, supervisor_changes_the_routing_table),
     "operator": (operator_creates, operator_leaves_its_root),
     "exporter": (exporter_reads_info, exporter_reads_a_message),
 }
