@@ -341,6 +341,27 @@ class Client:
         run = await self._require(run_id)
         return sorted(run.tasks.values(), key=lambda t: (t.dispatched_at, t.task))
 
+    async def follow(
+        self, run_id: str, until: Collection[str] = TERMINAL_RUN
+    ) -> AsyncIterator[RunStatusView]:
+        """The run's status view now, then after every change of its state, until its
+        status is one of `until` (default: finished; that view is the last). What a
+        portal shows the citizen, or a console its clerk: a KV watch, nothing polls.
+        `NotFoundError` for an unknown run."""
+        await self._require(run_id)
+        kv, _ = await self._store()
+        watcher = await kv.watch(run_entry(run_id))
+        try:
+            async for entry in watcher:
+                if entry is None or entry.operation is not None or not entry.value:
+                    continue  # the "all current values sent" marker, a delete
+                run = _run_decoder.decode(entry.value)
+                yield await self._view(run)
+                if run.status in until:
+                    return
+        finally:
+            await watcher.stop()  # type: ignore[no-untyped-call]
+
     async def wait_for(
         self,
         run_id: str,

@@ -187,6 +187,26 @@ async def test_pause_and_resume_show_in_the_status(nats_url: str, ns: Namespace)
     assert resumed.paused_by is None
 
 
+async def test_follow_shows_each_change_until_the_run_ends(nats_url: str, ns: Namespace) -> None:
+    async with system(nats_url, ns) as client:
+        run_id = await client.enqueue("ftc-complaint", COMPLAINT)
+        seen: list[str] = []
+        with anyio.fail_after(20):
+            async for view in client.follow(run_id):
+                seen.append(view.status)
+                if view.status == "QUEUED" and len(seen) == 1:
+                    await client.pause(run_id, by="ops", reason="citizen called", id="p-1")
+                elif view.status == "PAUSED":
+                    await client.cancel(run_id, by="ops", reason="withdrawn", id="c-1")
+        with pytest.raises(NotFoundError, match="unknown run 'NOPE-1'"):
+            async for _ in client.follow("NOPE-1"):
+                pass
+
+    assert seen[0] == "QUEUED"
+    assert "PAUSED" in seen
+    assert seen[-1] == "CANCELLED"  # the last view: the generator ended there
+
+
 async def test_enqueue_without_a_dispatcher_says_so(nats_url: str, ns: Namespace) -> None:
     async with system(nats_url, ns, dispatcher=False) as client:
         slow = Client(client.bus, start_timeout=0.3)
