@@ -11,7 +11,19 @@ from pathlib import Path
 
 import typer
 
-from hms_bus.cli import demo, dlq, ledger, metrics, routes, runs, system, tasks, workers, workflow
+from hms_bus.cli import (
+    demo,
+    dlq,
+    ledger,
+    metrics,
+    notifiers,
+    routes,
+    runs,
+    system,
+    tasks,
+    workers,
+    workflow,
+)
 from hms_bus.cli.common import State, configure_logging
 
 __all__ = ["app", "main"]
@@ -99,6 +111,9 @@ app.add_typer(
 )
 app.add_typer(workers.app, name="worker", help="Run and list lane workers.")
 app.add_typer(dlq.app, name="dlq", help="Dead letters: list and show them, replay or drop them.")
+app.add_typer(
+    notifiers.app, name="notifier", help="Deliver a channel kind's notifications (webhook or log)."
+)
 ledger.register(app, runs.run_app)  # hms run timeline, hms case, hms ledger
 
 
