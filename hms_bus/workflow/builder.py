@@ -351,6 +351,7 @@ def workflow(
     start: str | Sequence[str] = (),
     sla: str | float | model.Duration | Mapping[str, Any] | None = None,
     on_timeout: str | Mapping[str, Any] | model.Escalation | None = None,
+    retry: int | Mapping[str, Any] | model.Retry | None = None,
     calendar: str | None = None,
     case: str | None = None,
     sensitive: Sequence[str] = (),
@@ -364,7 +365,8 @@ def workflow(
     data = _drop_none(
         id=id, version=version, title=title, prefix=prefix,
         start=[start] if isinstance(start, str) else list(start), sla=sla,
-        on_timeout=on_timeout, calendar=calendar, case=case, sensitive=list(sensitive) or None,
+        on_timeout=on_timeout, retry=retry, calendar=calendar, case=case,
+        sensitive=list(sensitive) or None,
         calendars=calendars,
     )  # fmt: skip
     # The step dicts themselves (not copies): `where` finds each one's call site by id.

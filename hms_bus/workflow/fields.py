@@ -17,7 +17,7 @@ from hms_bus.subjects import ACTOR_KINDS
 from hms_bus.workflow.calendar import Calendar, CalendarError
 from hms_bus.workflow.durations import DurationError, parse_duration
 from hms_bus.workflow.expr import ExprError, compile_expr
-from hms_bus.workflow.model import END, CalendarSpec, Duration
+from hms_bus.workflow.model import END, CalendarSpec, Duration, Retry
 from hms_bus.workflow.source import Node, Problem
 
 __all__ = ["TOKEN", "Ctx", "Scope", "did_you_mean"]
@@ -56,6 +56,7 @@ class Ctx:
         self.calendars: dict[str, CalendarSpec] = {}
         self.default_calendar: str | None = None
         self.calendar_named = False  # the workflow names a default calendar (known or not)
+        self.default_retry: Retry | None = None  # the workflow's `retry`, for steps without
 
     def error(self, node: Node, message: str, offset: int | None = None) -> None:
         line, col = node.position(offset)

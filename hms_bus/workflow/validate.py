@@ -30,8 +30,8 @@ from hms_bus.workflow.source import Node, Problem
 __all__ = ["COMMON_KEYS", "STEP_KEYS", "TOP_KEYS", "build"]
 
 TOP_KEYS = (
-    "id", "version", "title", "prefix", "start", "sla", "on_timeout", "calendar", "case",
-    "sensitive", "calendars", "steps",
+    "id", "version", "title", "prefix", "start", "sla", "on_timeout", "retry", "calendar",
+    "case", "sensitive", "calendars", "steps",
 )  # fmt: skip
 COMMON_KEYS = ("id", "type", "needs", "when", "next", "optional", "on_failure")
 STEP_KEYS = {
@@ -85,6 +85,8 @@ def _workflow(ctx: Ctx, root: Node) -> Workflow | None:
     title = ctx.text(root.get("title"), "title")
     start = tuple(value for value, _ in ctx.texts(root.get("start"), "start event", token=True))
     sla = ctx.positive_duration(root.get("sla"), "the run's sla")
+    # the retry of every task and fan-out that names none (seed 5's plan-wide policy)
+    ctx.default_retry = read_retry(ctx, root.get("retry"), "the workflow")
     case = ctx.expr(root.get("case"), "'case' of the workflow", Scope(("payload", "run"), ()))
     sensitive = _sensitive(ctx, root.get("sensitive"))
 
@@ -268,7 +270,7 @@ def _step(ctx: Ctx, node: Node, step_id: str) -> Step | None:
             input=task_input,
             skills=skills,
             sla=sla,
-            retry=retry or Retry(),
+            retry=retry or ctx.default_retry or Retry(),
             on_timeout=escalation,
         )
     as_name = _as_name(ctx, node.get("as"), where)
@@ -282,7 +284,7 @@ def _step(ctx: Ctx, node: Node, step_id: str) -> Step | None:
         skills=skills,
         join=read_join(ctx, node.get("join"), where),
         sla=sla,
-        retry=retry or Retry(),
+        retry=retry or ctx.default_retry or Retry(),
         on_timeout=escalation,
     )
 

@@ -9,7 +9,7 @@ from textwrap import dedent
 import pytest
 
 from hms_bus.workflow.loader import load_workflow_text
-from hms_bus.workflow.model import CheckpointStep, Duration, TaskStep
+from hms_bus.workflow.model import CheckpointStep, Duration, FanoutStep, TaskStep
 from tests.workflow.loader_helpers import HEAD, at, only, problems, steps
 
 
@@ -214,3 +214,38 @@ def test_a_run_escalation_to_an_unknown_step_and_what_it_leaves_unreachable() ->
     )
     assert at(second) == (12, 9)
     assert second.message.startswith("step 'supervisor_review' is unreachable")
+
+
+def test_the_workflow_retry_is_every_task_s_unless_it_names_its_own() -> None:
+    wf = load_workflow_text(
+        dedent(
+            """\
+            id: w
+            prefix: W
+            retry: {attempts: 3, backoff: 30s}
+            steps:
+              - id: a
+                actor: SVC:irs
+              - id: b
+                actor: SVC:irs
+                retry: 1
+              - id: c
+                type: fanout
+                over: payload.items
+                actor: AI:x
+            """
+        )
+    )
+    a, b, c = wf.steps
+    assert isinstance(a, TaskStep)
+    assert isinstance(b, TaskStep)
+    assert isinstance(c, FanoutStep)
+    assert (a.retry.attempts, a.retry.backoff) == (3, Duration(seconds=30, text="30s"))
+    assert b.retry.attempts == 1
+    assert c.retry.attempts == 3
+
+
+def test_a_bad_workflow_retry_is_reported_where_it_is() -> None:
+    p = only("id: w\nprefix: W\nretry: {attempts: 0}\nsteps:\n  - id: a\n    actor: AI:x\n")
+    assert at(p) == (3, 19)
+    assert p.message == "'attempts' of retry of the workflow must be >= 1, got 0"
