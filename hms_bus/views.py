@@ -15,7 +15,7 @@ from typing import Literal
 import msgspec
 
 from hms_bus.workflow.model import CheckpointStep, Step, WaitStep, Workflow
-from hms_bus.workflow.state import ACTIVE_STEP, RunState, StepState
+from hms_bus.workflow.state import ACTIVE_STEP, FINISHED_STEP, RunState, StepState
 
 __all__ = [
     "RunStatusView",
@@ -122,8 +122,28 @@ def _waiting(sid: str, st: StepState, step: Step | None, run: RunState) -> Waiti
     return WaitingOn(step=sid, kind="human" if actor.startswith("HUMAN:") else "worker", on=actor)
 
 
+def _not_reached(sid: str, step: Step | None, run: RunState, workflow: Workflow | None) -> str:
+    """Why a WAITING step has not started: the needs it waits for, or the step whose
+    end hands it the run (seed 2 shows `WAITING(for:verify_identity)`)."""
+    if step is not None and step.needs:
+        waiting = [
+            n for n in step.needs if n in run.steps and run.steps[n].status not in FINISHED_STEP
+        ]
+        return f"for {', '.join(waiting)}" if waiting else "for its needs"
+    if workflow is not None:
+        for before in workflow.steps:
+            if before.id != sid and workflow.fall_through(before.id) == sid:
+                return f"for {before.id}"
+    return "not reached yet"
+
+
 def _step_view(
-    sid: str, st: StepState, step: Step | None, run: RunState, lanes: Mapping[str, str]
+    sid: str,
+    st: StepState,
+    step: Step | None,
+    run: RunState,
+    lanes: Mapping[str, str],
+    workflow: Workflow | None,
 ) -> StepView:
     tasks = [run.tasks[u.task] for u in st.units if u.task is not None and u.task in run.tasks]
     live = [t for t in tasks if t.status in ("DISPATCHED", "IN_PROGRESS")] or tasks[-1:]
@@ -142,7 +162,8 @@ def _step_view(
         claimed_by=next((t.claimant for t in live if t.claimant), None),
         due=st.clock.deadline if st.clock is not None else None,
         retry_due=min(retry_due) if retry_due else None,
-        reason=st.reason,
+        reason=st.reason
+        or (_not_reached(sid, step, run, workflow) if st.status == "WAITING" else None),
         finished_at=st.finished_at,
         by=tuple(st.by) or tuple(d.by for d in st.decisions),
     )
@@ -184,7 +205,9 @@ def status_view(
         due=run.clock.deadline if run.clock is not None else None,
         sla_breached=run.sla_breached,
         waiting_for=tuple(w for w in waiting if w is not None),
-        steps=tuple(_step_view(sid, run.steps[sid], steps.get(sid), run, lanes) for sid in order),
+        steps=tuple(
+            _step_view(sid, run.steps[sid], steps.get(sid), run, lanes, workflow) for sid in order
+        ),
     )
 
 

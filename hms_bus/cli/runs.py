@@ -133,7 +133,7 @@ def _render_status(view: RunStatusView) -> None:
             (
                 s.step,
                 s.type,
-                s.status,
+                f"WAITING ({s.reason})" if s.status == "WAITING" and s.reason else s.status,
                 s.attempt or "",
                 s.actor,
                 s.lane,
