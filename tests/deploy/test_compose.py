@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 from actors import REGISTRY
-from hms_bus.permissions import SERVER_VERSION, default_lanes, password_variable, roles
+from hms_bus.auth_config import SERVER_VERSION, password_variable
+from hms_bus.permissions import default_lanes, roles
 from hms_bus.server import find_binary
 from hms_bus.subjects import Namespace
 

@@ -24,13 +24,8 @@ import pytest
 import yaml
 
 from actors import REGISTRY
-from hms_bus.permissions import (
-    SERVER_VERSION,
-    default_lanes,
-    helm_values,
-    password_variable,
-    roles,
-)
+from hms_bus.auth_config import SERVER_VERSION, helm_values, password_variable
+from hms_bus.permissions import default_lanes, roles
 from hms_bus.subjects import Namespace
 
 REPO = Path(__file__).resolve().parents[2]

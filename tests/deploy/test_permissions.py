@@ -25,6 +25,7 @@ from nats.aio.client import Client as Nats
 from nats.js.api import ConsumerConfig
 
 from actors import REGISTRY
+from hms_bus.auth_config import authorization, password_variable, render_conf
 from hms_bus.client import open_client
 from hms_bus.connection import ConnectError, open_bus
 from hms_bus.daemon import Daemon
@@ -47,13 +48,7 @@ from hms_bus.messages import (
     encode,
 )
 from hms_bus.metrics import Metrics
-from hms_bus.permissions import (
-    authorization,
-    default_lanes,
-    password_variable,
-    render_conf,
-    roles,
-)
+from hms_bus.permissions import default_lanes, roles
 from hms_bus.server import NatsServer
 from hms_bus.settings import BusSettings, DaemonSettings, NatsSettings, Settings
 from hms_bus.subjects import Lane, Namespace
