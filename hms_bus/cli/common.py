@@ -7,16 +7,18 @@ else that went wrong (unreachable server, unknown run) exits 1. No tracebacks.
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import anyio
 import typer
 
+from hms_bus.daemon import ActorFactory, Daemon
 from hms_bus.errors import ConfigError, HmsError, InvalidNameError
 from hms_bus.settings import Settings, load_settings
 
@@ -27,6 +29,7 @@ __all__ = [
     "fail_usage",
     "handle_errors",
     "run_async",
+    "serve_daemon",
     "settings_of",
 ]
 
@@ -99,3 +102,36 @@ def handle_errors(fn: Callable[P, R]) -> Callable[P, R]:
 def run_async(fn: Callable[..., Awaitable[R]], *args: Any) -> R:
     """Run a coroutine function on the asyncio backend (nats-py needs asyncio)."""
     return anyio.run(fn, *args)
+
+
+def serve_daemon(
+    settings: Settings, factories: Sequence[ActorFactory], name: str, *, ensure: bool = True
+) -> None:
+    """Run a `Daemon` of these actors until SIGTERM/SIGINT, for `hms worker run` and
+    `hms notifier run`: a metrics port in use, or our own errors out of its task
+    groups, end it with one line each (exit 1), not a traceback."""
+
+    async def serve() -> None:
+        await Daemon(settings, factories, name=name, ensure=ensure).run()
+
+    try:
+        run_async(serve)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            port = settings.daemon.metrics_port
+            raise die(f"metrics port {port} is in use: pick another with --metrics-port") from None
+        raise
+    except BaseExceptionGroup as group:
+        matched, rest = group.split(HmsError)
+        if rest is not None or matched is None:
+            raise
+        first, *others = _leaves(matched)
+        for error in others:
+            typer.echo(f"hms: error: {error}", err=True)
+        raise die(str(first)) from None
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]

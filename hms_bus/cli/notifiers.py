@@ -9,24 +9,20 @@ lines of Python, is `hms_bus.notify.serve`.
 
 from __future__ import annotations
 
-import errno
 from typing import cast
 
 import typer
 
 from hms_bus.cli.common import (
     daemon_logging,
-    die,
     fail_usage,
     handle_errors,
-    run_async,
+    serve_daemon,
     settings_of,
 )
 from hms_bus.connection import Bus
-from hms_bus.daemon import Daemon
 from hms_bus.metrics import Metrics
-from hms_bus.notify import Notifier, NotifierRunner, log_notifier
-from hms_bus.settings import Settings
+from hms_bus.notify import NotifierRunner, log_notifier
 from hms_bus.subjects import check_token
 from hms_bus.webhooks import FORMATS, Format, webhook_notifier
 
@@ -57,18 +53,8 @@ def run(
             raise fail_usage(f"--format {form!r}: one of {', '.join(FORMATS)}")
         chosen = webhook_notifier(kind, webhook, form=cast(Format, form), timeout=timeout)
     daemon_logging(ctx)
-    settings = settings_of(ctx)
-    try:
-        run_async(_serve, settings, chosen)
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            port = settings.daemon.metrics_port
-            raise die(f"metrics port {port} is in use: pick another with --metrics-port") from None
-        raise
 
-
-async def _serve(settings: Settings, chosen: Notifier) -> None:
     def factory(bus: Bus, metrics: Metrics) -> NotifierRunner:
         return NotifierRunner(bus, chosen, metrics=metrics)
 
-    await Daemon(settings, [factory], name=chosen.name).run()
+    serve_daemon(settings_of(ctx), [factory], chosen.name)

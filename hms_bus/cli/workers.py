@@ -13,7 +13,6 @@ after its last heartbeat).
 
 from __future__ import annotations
 
-import errno
 import importlib
 import json
 import os
@@ -27,19 +26,18 @@ import typer
 
 from hms_bus.cli.common import (
     daemon_logging,
-    die,
     fail_usage,
     handle_errors,
     run_async,
+    serve_daemon,
     settings_of,
 )
 from hms_bus.connection import Bus, open_bus
-from hms_bus.daemon import Daemon
-from hms_bus.errors import HmsError, NotFoundError
+from hms_bus.errors import NotFoundError
 from hms_bus.metrics import Metrics
 from hms_bus.settings import Settings
 from hms_bus.subjects import Lane
-from hms_bus.worker import Worker, WorkerDefinitionError, WorkerInfo, as_worker, live_workers
+from hms_bus.worker import WorkerDefinitionError, WorkerInfo, as_worker, live_workers
 from hms_bus.worker_runner import WorkerRunner
 
 __all__ = ["app", "load_target"]
@@ -129,44 +127,14 @@ def run(
         settings = msgspec.structs.replace(
             settings, daemon=msgspec.structs.replace(settings.daemon, grace_seconds=grace)
         )
-    try:
-        run_async(_serve, settings, worker, not no_ensure)
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            port = settings.daemon.metrics_port
-            raise die(f"metrics port {port} is in use: pick another with --metrics-port") from None
-        raise
-    except BaseExceptionGroup as group:  # errors of the daemon's task groups
-        raise _one_line(group) from None
 
-
-def _one_line(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    matched, rest = group.split(HmsError)
-    if rest is not None or matched is None:
-        return group
-    errors = _leaves(matched)
-    for error in errors[1:]:
-        typer.echo(f"hms: error: {error}", err=True)
-    return die(str(errors[0]))
-
-
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
-    return [exc]
-
-
-async def _serve(settings: Settings, worker: Worker, ensure: bool) -> None:
     def factory(bus: Bus, metrics: Metrics) -> WorkerRunner:
         return WorkerRunner(
-            bus,
-            worker,
-            metrics=metrics,
-            heartbeat_seconds=settings.daemon.heartbeat_seconds,
+            bus, worker, metrics=metrics, heartbeat_seconds=settings.daemon.heartbeat_seconds
         )
 
     name = f"worker-{worker.lane.kind}-{worker.lane.name}"
-    await Daemon(settings, [factory], name=name, ensure=ensure).run()
+    serve_daemon(settings, [factory], name, ensure=not no_ensure)
 
 
 @app.command("list")
