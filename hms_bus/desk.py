@@ -61,22 +61,22 @@ class Desk:
     async def claim(self, task: str, by: str) -> InboxEntry:
         """Take the task: nobody else can complete it until `by` releases it."""
         entry = await inbox.claim(await self._inbox(), task, by)
-        t = entry.item.task
-        await self.bus.publish(
-            self.bus.ns.command("claim"),
-            ClaimTask(id=f"{task}/claim/{entry.revision}", run=t.run, task=task, by=by),
-        )
+        await self._tell(ClaimTask, "claim", entry, by)
         return entry
 
     async def release(self, task: str, by: str) -> InboxEntry:
         """Give a task `by` holds back to its lane."""
         entry = await inbox.release(await self._inbox(), task, by)
-        t = entry.item.task
-        await self.bus.publish(
-            self.bus.ns.command("release"),
-            ReleaseTask(id=f"{task}/release/{entry.revision}", run=t.run, task=task, by=by),
-        )
+        await self._tell(ReleaseTask, "release", entry, by)
         return entry
+
+    async def _tell(
+        self, kind: type[ClaimTask | ReleaseTask], verb: str, entry: InboxEntry, by: str
+    ) -> None:
+        """Tell the run what the inbox now says (an id per revision: stored once)."""
+        t = entry.item.task
+        message = kind(id=f"{t.task}/{verb}/{entry.revision}", run=t.run, task=t.task, by=by)
+        await self.bus.publish(self.bus.ns.command(verb), message)
 
     async def complete(self, task: str, by: str, output: Mapping[str, Any]) -> None:
         """Finish a task with its output (it must be unclaimed or held by `by`)."""
