@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Collection, Mapping
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -174,20 +174,14 @@ class Client:
         timeout: float,
     ) -> T | None:
         """The first value of runs-bucket `key` that `accept` maps to non-None, or None
-        after `timeout` seconds. A KV watch: the server pushes the current value, then
-        every change; nothing here sleeps or polls."""
-        kv, _ = await self._store()
-        watcher = await kv.watch(key)
-        try:
-            with anyio.move_on_after(timeout):
-                async for entry in watcher:
-                    if entry is None or entry.operation is not None or not entry.value:
-                        continue  # the "all current values sent" marker, a delete
-                    found = accept(entry.value)
+        after `timeout` seconds (`RunStore.values`: pushed, never polled)."""
+        _, runs = await self._store()
+        with anyio.move_on_after(timeout):
+            async with aclosing(runs.values(key)) as values:
+                async for value in values:
+                    found = accept(value)
                     if found is not None:
                         return found
-        finally:
-            await watcher.stop()  # type: ignore[no-untyped-call]
         return None
 
     # -- starting runs -------------------------------------------------------------------
@@ -349,18 +343,13 @@ class Client:
         portal shows the citizen, or a console its clerk: a KV watch, nothing polls.
         `NotFoundError` for an unknown run."""
         await self._require(run_id)
-        kv, _ = await self._store()
-        watcher = await kv.watch(run_entry(run_id))
-        try:
-            async for entry in watcher:
-                if entry is None or entry.operation is not None or not entry.value:
-                    continue  # the "all current values sent" marker, a delete
-                run = _run_decoder.decode(entry.value)
+        _, runs = await self._store()
+        async with aclosing(runs.values(run_entry(run_id))) as values:
+            async for value in values:
+                run = _run_decoder.decode(value)
                 yield await self._view(run)
                 if run.status in until:
                     return
-        finally:
-            await watcher.stop()  # type: ignore[no-untyped-call]
 
     async def wait_for(
         self,

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from datetime import date
 
@@ -248,3 +248,16 @@ class RunStore:
             stored = await self.get(run_id)
             if stored is not None:
                 yield stored.run
+
+    async def values(self, key: str) -> AsyncGenerator[bytes, None]:
+        """The value of `key` (`run_entry`, `key_entry`) now, then each new one: a KV
+        watch, so the server pushes changes and nothing polls. Deletes and the "all
+        current values sent" marker are skipped. Close it (`contextlib.aclosing`) to
+        stop the watch at once."""
+        watcher = await self._kv.watch(key)
+        try:
+            async for entry in watcher:
+                if entry is not None and entry.operation is None and entry.value:
+                    yield entry.value
+        finally:
+            await watcher.stop()  # type: ignore[no-untyped-call]
