@@ -423,31 +423,3 @@ def test_every_attempt_asks_for_the_skills_of_its_step() -> None:
     for item in range(3):
         d.complete("fan", {"v": item}, item=item)
     assert d.task("plain").skills == ()
-
-
-def test_a_result_withdraws_a_human_task_from_the_inbox_and_only_a_human_one() -> None:
-    d = Driver(
-        workflow(
-            TaskStep(id="sort", actor="HUMAN:clerk", retry=Retry(attempts=2)),
-            task("machine"),
-        )
-    )
-    first = d.task("sort")
-    failed = d.fail("sort", "smudged")
-    second = d.task("sort")
-    completed = d.complete("sort")
-    machine = d.complete("machine")
-
-    def withdrawals(effects: tuple[object, ...]) -> list[tuple[str, str]]:
-        return [(e.task, e.reason) for e in effects if isinstance(e, CancelTask)]
-
-    assert withdrawals(failed.effects) == [(first.task, "smudged")]
-    assert withdrawals(completed.effects) == [(second.task, "completed")]
-    assert withdrawals(machine.effects) == []
-    # a withdrawal is not a cancellation: the attempt ended as failed or completed
-    kinds = [f.kind for f in d.facts()]
-    assert "task.cancelled" not in kinds
-    assert (d.run.tasks[first.task].status, d.run.tasks[second.task].status) == (
-        "FAILED",
-        "COMPLETED",
-    )
